@@ -1,0 +1,95 @@
+"""Causal self-attention with grouped K/V heads (MHA / GQA / MQA).
+
+Vaswani et al. 2017 scaled dot-product attention, eq. 1:
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head) + M) V
+
+with K/V shared by groups of G = H / H_kv query heads (GQA, Ainslie et al.
+2023): H_kv == H is MHA, H_kv == 1 is MQA (Shazeer 2019). Q and K are rotated
+by RoPE (model/rope.py) before the product.
+
+The Q, K and V projections are one fused matrix `w_qkv` (D x (H + 2 H_kv) x
+d_head): one matmul per layer instead of three, which matters for small-batch
+decode on CPU where per-op overhead dominates.
+
+Shape names: B batch, L query length, S key length, H query heads, K kv heads,
+G = H/K query heads per kv head, D model width, E head width.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from model.config import ModelConfig
+from model.ffn import fan_in_init
+from model.rope import apply_rope
+
+
+def attend(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
+  """Grouped scaled dot-product attention; softmax in float32.
+
+  Args:
+    q_BxLxHxE: queries (already rotated).
+    k_BxSxKxE, v_BxSxKxE: keys/values with K kv heads, K divides H.
+    mask_BxLxS: True where query l may attend to key s.
+  Returns:
+    out_BxLxHxE.
+  """
+  num_kv = k_BxSxKxE.shape[2]
+  q = rearrange(q_BxLxHxE, "b l (k g) e -> b k g l e", k=num_kv)
+  scale = q_BxLxHxE.shape[-1] ** -0.5
+  s_BxKxGxLxS = jnp.einsum("bkgle,bske->bkgls", q, k_BxSxKxE).astype(jnp.float32) * scale
+  s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, -1e30)
+  p = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
+  out = jnp.einsum("bkgls,bske->blkge", p, v_BxSxKxE)
+  return rearrange(out, "b l k g e -> b l (k g) e")
+
+
+def causal_mask(q_pos_BxL, k_pos_BxS):
+  """mask[b, l, s] = k_pos[b, s] <= q_pos[b, l]."""
+  return k_pos_BxS[:, None, :] <= q_pos_BxL[:, :, None]
+
+
+class Attention(nn.Module):
+  """x_BxLxD, positions_BxL -> y_BxLxD.
+
+  Params: w_qkv (D, H + 2K, E), w_o (H, E, D).
+  `cache` is reserved for the decode KV cache (decode/); with cache=None the
+  layer attends causally within x and returns (y, None).
+  """
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    h, kv, e = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+    self.w_qkv = self.param("w_qkv", fan_in_init(), (cfg.d_model, h + 2 * kv, e), jnp.float32)
+    self.w_o = self.param("w_o", nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2),
+        (h, e, cfg.d_model), jnp.float32)
+
+  def qkv(self, x_BxLxD, positions_BxL):
+    """Projects and rotates: returns q_BxLxHxE, k_BxLxKxE, v_BxLxKxE."""
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    h, kv = cfg.num_heads, cfg.num_kv_heads
+    qkv_BxLxNxE = jnp.einsum("bld,dne->blne", x_BxLxD.astype(dt), self.w_qkv.astype(dt))
+    q, k, v = jnp.split(qkv_BxLxNxE, [h, h + kv], axis=2)
+    q = apply_rope(q, positions_BxL, cfg.rope_theta)
+    k = apply_rope(k, positions_BxL, cfg.rope_theta)
+    return q, k, v
+
+  def out(self, o_BxLxHxE):
+    """Output projection: o_BxLxHxE -> y_BxLxD."""
+    dt = jnp.dtype(self.cfg.dtype)
+    return jnp.einsum("blhe,hed->bld", o_BxLxHxE, self.w_o.astype(dt))
+
+  def __call__(self, x_BxLxD, positions_BxL, cache: Optional[Any] = None):
+    if cache is not None:
+      raise ValueError("Attention: decode caches are handled by decode/")
+    q, k, v = self.qkv(x_BxLxD, positions_BxL)
+    o = attend(q, k, v, causal_mask(positions_BxL, positions_BxL))
+    return self.out(o), None

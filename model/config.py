@@ -1,0 +1,183 @@
+"""Typed, validated model configuration.
+
+`ModelConfig` is the only thing the model modules read. It is built from the
+`config.model` section of an ml_collections config file (`configs/base.py`) by
+`ModelConfig.from_dict`, which rejects unknown keys, and `__post_init__`
+validates every field so that an impossible combination fails with a
+`ValueError` naming the field *before* anything is traced or compiled.
+
+The MoE fields are flat (``--config.model.num_experts=16``) and select the
+swappable pieces: the router (`model/router.py`), the dispatch
+(`model/moe.py`) and the auxiliary losses (`model/routing_losses.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+# Enumerations (string valued so they round-trip through config files/flags).
+ATTENTION_TYPES = ("mha",)  # MHA/GQA/MQA through num_kv_heads.
+MOE_MODES = ("sparse", "dense")  # top-k routing | all experts, softmax-weighted.
+MOE_DISPATCHES = ("capacity", "dropless")  # one-hot einsum with capacity | sort + ragged_dot.
+MOE_GATES = ("softmax_topk", "topk_softmax")  # Switch | Shazeer-2017 / Mixtral.
+ROUTER_NOISES = ("none", "shazeer", "jitter")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only transformer with optional Mixture-of-Experts FFNs.
+
+  Attributes:
+    vocab_size: V, embedding rows. Byte tokenizer uses 259 (256 + BOS/EOS/PAD).
+    d_model: D, residual width.
+    num_layers: number of transformer blocks.
+    num_heads: H, query heads.
+    num_kv_heads: K/V heads; == num_heads is MHA, 1 is MQA, else GQA.
+    head_dim: per-head width (0 means d_model // num_heads).
+    ffn_dim: F, hidden width of the dense SwiGLU FFN.
+    rope_theta: RoPE base frequency.
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: unembed with the transposed token embedding.
+    max_seq_len: longest sequence the model is used at (training and cache).
+    attention: attention type (see ATTENTION_TYPES).
+    dtype: activation dtype (params stay float32; the router is always f32).
+    num_experts: E; 0 means every FFN is the dense SwiGLU.
+    moe_top_k: experts per token (k=1 Switch, k=2 Mixtral).
+    moe_every: every n-th block uses the MoE FFN (blocks n-1, 2n-1, ...);
+      1 means every block.
+    moe_ffn_dim: hidden width of each expert (0 means ffn_dim).
+    moe_mode: 'sparse' top-k routing or 'dense' (every expert, softmax gates).
+    moe_dispatch: 'capacity' (fixed expert capacity, overflow dropped) or
+      'dropless' (sort by expert + grouped matmul).
+    moe_gate: 'softmax_topk' (softmax over all E, keep top-k probabilities;
+      Switch) or 'topk_softmax' (softmax over the k selected logits; Shazeer
+      2017 eq. 3-5 and Mixtral).
+    capacity_factor: training capacity factor (Switch; ST-MoE uses 1.25).
+    eval_capacity_factor: evaluation capacity factor (ST-MoE uses 2.0).
+    router_noise: 'none' | 'shazeer' (noisy top-k gating, Shazeer 2017 eq. 4)
+      | 'jitter' (fixed multiplicative input / additive logit noise).
+    router_jitter_eps: multiplicative jitter, x * U(1-eps, 1+eps) (Switch).
+    router_noise_std: additive N(0, std^2) noise on the router logits.
+    router_init_scale: router weight init scale relative to fan-in init
+      (Switch uses 0.1x). Ignored for 'shazeer', whose W_g, W_noise start at 0.
+    aux_switch_coef: alpha of the Switch load-balancing loss.
+    aux_importance_coef: w_importance of Shazeer's importance CV^2 loss.
+    aux_load_coef: w_load of Shazeer's load CV^2 loss.
+    aux_z_coef: c_z of the ST-MoE router z-loss.
+  """
+
+  vocab_size: int = 259
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0
+  ffn_dim: int = 512
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  max_seq_len: int = 2048
+  attention: str = "mha"
+  dtype: str = "float32"
+  # Mixture of experts.
+  num_experts: int = 0
+  moe_top_k: int = 2
+  moe_every: int = 1
+  moe_ffn_dim: int = 0
+  moe_mode: str = "sparse"
+  moe_dispatch: str = "capacity"
+  moe_gate: str = "topk_softmax"
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  router_noise: str = "none"
+  router_jitter_eps: float = 0.0
+  router_noise_std: float = 0.0
+  router_init_scale: float = 0.1
+  aux_switch_coef: float = 1e-2
+  aux_importance_coef: float = 0.0
+  aux_load_coef: float = 0.0
+  aux_z_coef: float = 1e-3
+
+  # ---------------------------------------------------------------- derived
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def expert_ffn_dim(self) -> int:
+    return self.moe_ffn_dim or self.ffn_dim
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """Block `layer` (0-based) uses the MoE FFN: every `moe_every`-th block."""
+    return self.num_experts > 0 and (layer + 1) % self.moe_every == 0
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+  # ------------------------------------------------------------- validation
+  def __post_init__(self):
+    def err(field: str, msg: str):
+      raise ValueError(f"model.{field}: {msg} (got {getattr(self, field)!r})")
+
+    def enum(field: str, allowed):
+      if getattr(self, field) not in allowed:
+        err(field, f"must be one of {allowed}")
+
+    for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+              "ffn_dim", "max_seq_len", "moe_top_k", "moe_every"):
+      if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+        err(f, "must be a positive integer")
+    for f in ("head_dim", "num_experts", "moe_ffn_dim"):
+      if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
+        err(f, "must be a non-negative integer")
+    if self.num_heads % self.num_kv_heads:
+      err("num_kv_heads", f"must divide num_heads={self.num_heads}")
+    if not self.head_dim and self.d_model % self.num_heads:
+      err("num_heads", f"must divide d_model={self.d_model} when head_dim=0")
+    if self.dim_per_head % 2:
+      err("head_dim", "RoPE needs an even per-head dimension")
+    enum("attention", ATTENTION_TYPES)
+    enum("dtype", DTYPES)
+    enum("moe_mode", MOE_MODES)
+    enum("moe_dispatch", MOE_DISPATCHES)
+    enum("moe_gate", MOE_GATES)
+    enum("router_noise", ROUTER_NOISES)
+    if self.num_experts and self.moe_top_k > self.num_experts:
+      err("moe_top_k", f"cannot exceed num_experts={self.num_experts}")
+    if self.num_experts == 1:
+      err("num_experts", "use 0 (dense FFN) or at least 2 experts")
+    if self.num_experts and self.moe_every > self.num_layers:
+      err("moe_every", f"leaves no MoE layer among num_layers={self.num_layers}")
+    for f in ("capacity_factor", "eval_capacity_factor", "rope_theta", "norm_eps"):
+      if not getattr(self, f) > 0:
+        err(f, "must be > 0")
+    for f in ("router_jitter_eps", "router_noise_std", "router_init_scale",
+              "aux_switch_coef", "aux_importance_coef", "aux_load_coef",
+              "aux_z_coef"):
+      if getattr(self, f) < 0:
+        err(f, "must be non-negative")
+    if self.router_jitter_eps >= 1:
+      err("router_jitter_eps", "must be < 1")
+    if self.aux_load_coef > 0 and self.router_noise != "shazeer":
+      err("aux_load_coef", "the smooth load estimator P(x,i) needs "
+          "router_noise='shazeer'")
+    if (self.router_noise == "jitter" and self.router_jitter_eps == 0
+        and self.router_noise_std == 0):
+      err("router_noise", "'jitter' needs router_jitter_eps or router_noise_std > 0")
+
+  # ---------------------------------------------------------- construction
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    """Builds from a mapping (e.g. `config.model`), rejecting unknown keys."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"model: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)

@@ -1,0 +1,31 @@
+"""Rotary position embedding (Su et al. 2021, RoFormer eq. 34).
+
+For a head vector split into halves (x1, x2) of D/2 each (the "rotate-half"
+layout used by Hugging Face Llama/Mistral/Mixtral, so weights load unchanged):
+
+    theta_j = rope_theta ** (-2j / D),  j = 0..D/2-1
+    RoPE(x, p) = [x1 cos(p theta) - x2 sin(p theta),  x2 cos(p theta) + x1 sin(p theta)]
+
+Positions are explicit per token (`positions_BxL`) so a decode step, a packed
+sequence or a paged cache can use any positions.
+"""
+
+import jax.numpy as jnp
+
+
+def rope_angles(positions_BxL, dim: int, theta: float):
+  """Returns (cos, sin), each B x L x dim/2, float32."""
+  inv_freq = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  ang_BxLxF = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(ang_BxLxF), jnp.sin(ang_BxLxF)
+
+
+def apply_rope(x_BxLxHxD, positions_BxL, theta: float):
+  """Rotates each head of x by its token's position. Shape preserved."""
+  d = x_BxLxHxD.shape[-1]
+  cos, sin = rope_angles(positions_BxL, d, theta)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  x = x_BxLxHxD.astype(jnp.float32)
+  x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxD.dtype)

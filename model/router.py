@@ -1,0 +1,128 @@
+"""Token-level top-k router with optional noisy gating. Always float32.
+
+Gate logits (Switch, Fedus et al. 2021, eq. 1; Shazeer et al. 2017, eq. 4):
+
+    H(x)_i = (x W_g)_i                                          router_noise='none'
+    H(x)_i = (x W_g)_i + N(0,1) * Softplus((x W_noise)_i)       router_noise='shazeer'
+    H(x)_i = ((x * U(1-eps, 1+eps)) W_g)_i + N(0, std^2)        router_noise='jitter'
+
+Noise is applied only when `train=True`. For 'shazeer', W_g and W_noise start
+at zero (paper, sec. 2.1/appendix A) and, as in the authors' code, a floor of
+1e-2 is added to the noise std so P(x,i) below stays finite.
+
+Gate normalisation (`moe_gate`):
+
+    'softmax_topk':  p = softmax(H(x)) over all E;  gate_i = p_i for i in top-k   (Switch)
+    'topk_softmax':  G(x) = Softmax(KeepTopK(H(x), k))                             (Shazeer eq. 3;
+                     Mixtral: softmax over the k selected logits)
+
+Smooth load estimator (Shazeer et al. 2017, appendix A, eq. 8-9), returned
+for 'shazeer' in training:
+
+    P(x, i) = Phi( ((x W_g)_i - kth_excluding(H(x), k, i)) / Softplus((x W_noise)_i) )
+
+where kth_excluding(v, k, i) is the k-th largest component of v excluding i:
+the (k+1)-th largest of H if H_i is itself in the top k, else the k-th.
+
+Shape names: N tokens, D width, E experts, K = top-k.
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+
+NOISE_STD_FLOOR = 1e-2
+
+
+@flax.struct.dataclass
+class Routing:
+  """What the router decides for N tokens.
+
+  logits_NxE: H(x), the (noisy in training) logits used to select experts.
+  probs_NxE: softmax(H(x)) over all experts (Switch's P_i statistic).
+  expert_NxK: chosen experts, best first (int32).
+  gate_NxK: combine weights of the chosen experts (float32).
+  load_NxE: Shazeer's smooth P(x, i) (None unless 'shazeer' and training).
+  """
+
+  logits_NxE: jax.Array
+  probs_NxE: jax.Array
+  expert_NxK: jax.Array
+  gate_NxK: jax.Array
+  load_NxE: Optional[jax.Array] = None
+
+
+def top_k_gates(logits_NxE, k: int, gate: str):
+  """Selects top-k experts and their gates. Returns (expert_NxK, gate_NxK, probs_NxE)."""
+  probs_NxE = jax.nn.softmax(logits_NxE, axis=-1)
+  top_logits_NxK, expert_NxK = jax.lax.top_k(logits_NxE, k)
+  if gate == "softmax_topk":
+    gate_NxK = jnp.take_along_axis(probs_NxE, expert_NxK, axis=-1)
+  elif gate == "topk_softmax":
+    gate_NxK = jax.nn.softmax(top_logits_NxK, axis=-1)
+  else:
+    raise ValueError(f"unknown moe_gate {gate!r}")
+  return expert_NxK.astype(jnp.int32), gate_NxK, probs_NxE
+
+
+def smooth_load(clean_NxE, noisy_NxE, noise_std_NxE, k: int):
+  """Shazeer's P(x, i): probability expert i stays in the top-k when only its
+  own noise is redrawn (appendix A, eq. 9). Returns N x E in [0, 1]."""
+  num_experts = noisy_NxE.shape[-1]
+  if k >= num_experts:
+    return jnp.ones_like(noisy_NxE)
+  top_NxK1, _ = jax.lax.top_k(noisy_NxE, k + 1)
+  threshold_if_in = top_NxK1[:, k:k + 1]      # (k+1)-th largest: i is in top-k
+  threshold_if_out = top_NxK1[:, k - 1:k]     # k-th largest: i is outside
+  is_in = noisy_NxE > threshold_if_in
+  threshold = jnp.where(is_in, threshold_if_in, threshold_if_out)
+  return jax.scipy.stats.norm.cdf((clean_NxE - threshold) / noise_std_NxE)
+
+
+class Router(nn.Module):
+  """x_NxD -> Routing. Params: w_gate (D, E) [and w_noise (D, E) for 'shazeer'].
+
+  Needs the 'router' RNG stream when train=True and noise is enabled.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_NxD, train: bool = False) -> Routing:
+    cfg = self.cfg
+    d, e = x_NxD.shape[-1], cfg.num_experts
+    shazeer = cfg.router_noise == "shazeer"
+    init = (nn.initializers.zeros if shazeer else nn.initializers.variance_scaling(
+        cfg.router_init_scale, "fan_in", "truncated_normal"))
+    w_gate = self.param("w_gate", init, (d, e), jnp.float32)
+    x = x_NxD.astype(jnp.float32)
+
+    jitter = train and cfg.router_noise == "jitter"
+    if jitter and cfg.router_jitter_eps > 0:
+      eps = cfg.router_jitter_eps
+      x = x * jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
+                                 1.0 - eps, 1.0 + eps)
+    clean_NxE = x @ w_gate
+    logits_NxE, load_NxE = clean_NxE, None
+    if shazeer:
+      w_noise = self.param("w_noise", nn.initializers.zeros, (d, e), jnp.float32)
+      noise_std_NxE = jax.nn.softplus(x @ w_noise) + NOISE_STD_FLOOR
+      if train:
+        eps_NxE = jax.random.normal(self.make_rng("router"), clean_NxE.shape)
+        logits_NxE = clean_NxE + eps_NxE * noise_std_NxE
+        load_NxE = smooth_load(clean_NxE, logits_NxE, noise_std_NxE, cfg.moe_top_k)
+    if jitter and cfg.router_noise_std > 0:
+      logits_NxE = logits_NxE + cfg.router_noise_std * jax.random.normal(
+          self.make_rng("router"), clean_NxE.shape)
+
+    k = cfg.num_experts if cfg.moe_mode == "dense" else cfg.moe_top_k
+    expert_NxK, gate_NxK, probs_NxE = top_k_gates(logits_NxE, k, cfg.moe_gate)
+    if cfg.moe_mode == "dense":  # every expert, weighted by the full softmax
+      gate_NxK = jnp.take_along_axis(probs_NxE, expert_NxK, axis=-1)
+    return Routing(logits_NxE=logits_NxE, probs_NxE=probs_NxE, expert_NxK=expert_NxK,
+                   gate_NxK=gate_NxK, load_NxE=load_NxE)

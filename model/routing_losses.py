@@ -1,0 +1,127 @@
+"""Auxiliary routing losses and load metrics, from per-expert token means.
+
+Everything here is computed from `RouterStats`, a handful of per-expert
+*means over tokens*. Means over equal-sized shards combine by `pmean`, so the
+expert-parallel layer computes the same statistics over the global batch with
+one collective and reuses these functions unchanged.
+
+Losses (each with its own coefficient in ModelConfig):
+
+* Switch load balance (Fedus et al. 2021, eq. 4-6), coefficient alpha:
+
+      L_switch = alpha * N * sum_i f_i * P_i
+
+  N = number of experts, P_i = mean over tokens of softmax(H(x))_i, and
+  f_i = fraction of routing *assignments* that go to expert i: every token
+  contributes k assignments (its top-k experts, dropped or not), and
+  f_i = (#assignments to i) / (k * tokens), so sum_i f_i = 1 for every k. For
+  k=1 this is exactly Switch's "fraction of tokens dispatched to expert i";
+  uniform routing gives L = alpha and total collapse onto one expert gives
+  L = alpha * N, for every k. f_i is a count (no gradient); gradients flow
+  through P_i.
+
+* Importance loss (Shazeer et al. 2017, eq. 6-7), coefficient w_importance:
+
+      Importance(X) = sum_x G(x),     L_importance = w * CV(Importance(X))^2
+
+* Load loss (Shazeer et al. 2017, appendix A, eq. 8-11), coefficient w_load:
+
+      Load(X)_i = sum_x P(x, i),      L_load = w * CV(Load(X))^2
+
+  with the smooth estimator P(x, i) from model/router.py (needs
+  router_noise='shazeer').
+
+* Router z-loss (Zoph et al. 2022, ST-MoE eq. 5), coefficient c_z:
+
+      L_z = (1/B) sum_x (logsumexp_j H(x)_j)^2
+
+CV^2 = Var / Mean^2 (population variance); it is scale invariant, so token
+means give the same value as the papers' token sums.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+from model.router import Routing
+
+
+@flax.struct.dataclass
+class RouterStats:
+  """Per-layer routing statistics, all means over tokens.
+
+  expert_frac_E: f_i, assignments to expert i / (k * tokens).
+  prob_mean_E: P_i, mean router probability of expert i.
+  importance_E: mean gate mass G(x)_i per expert.
+  load_E: mean smooth load P(x, i) (Shazeer), or f_i when not available.
+  z: mean of logsumexp(H(x))^2.
+  entropy: mean per-token entropy of softmax(H(x)) (nats).
+  dropped: fraction of assignments dropped for lack of capacity.
+  """
+
+  expert_frac_E: jax.Array
+  prob_mean_E: jax.Array
+  importance_E: jax.Array
+  load_E: jax.Array
+  z: jax.Array
+  entropy: jax.Array
+  dropped: jax.Array
+
+
+def router_stats(routing: Routing, dropped) -> RouterStats:
+  """Token means of the routing decision (one shard's view)."""
+  num_experts = routing.probs_NxE.shape[-1]
+  assign_NxKxE = jax.nn.one_hot(routing.expert_NxK, num_experts, dtype=jnp.float32)
+  expert_frac_E = jax.lax.stop_gradient(assign_NxKxE.mean(axis=(0, 1)))
+  importance_E = jnp.einsum("nk,nke->e", routing.gate_NxK, assign_NxKxE) / assign_NxKxE.shape[0]
+  load_E = expert_frac_E if routing.load_NxE is None else routing.load_NxE.mean(0)
+  lse_N = jax.nn.logsumexp(routing.logits_NxE, axis=-1)
+  logp_NxE = jax.nn.log_softmax(routing.logits_NxE, axis=-1)
+  entropy = -(routing.probs_NxE * logp_NxE).sum(-1).mean()
+  return RouterStats(
+      expert_frac_E=expert_frac_E,
+      prob_mean_E=routing.probs_NxE.mean(0),
+      importance_E=importance_E,
+      load_E=load_E,
+      z=jnp.mean(lse_N ** 2),
+      entropy=entropy,
+      dropped=jnp.asarray(dropped, jnp.float32))
+
+
+def cv_squared(x_E):
+  """Squared coefficient of variation Var/Mean^2 (population variance)."""
+  return jnp.var(x_E) / (jnp.mean(x_E) ** 2 + 1e-10)
+
+
+def switch_loss(stats: RouterStats):
+  """N * sum_i f_i P_i (without alpha)."""
+  return stats.expert_frac_E.shape[-1] * jnp.sum(stats.expert_frac_E * stats.prob_mean_E, -1)
+
+
+def aux_losses(stats: RouterStats, cfg: ModelConfig) -> dict:
+  """Unweighted losses and their weighted sum 'total' for one layer."""
+  losses = {
+      "switch": switch_loss(stats),
+      "importance": cv_squared(stats.importance_E),
+      "load": cv_squared(stats.load_E),
+      "z": stats.z,
+  }
+  losses["total"] = (cfg.aux_switch_coef * losses["switch"]
+                     + cfg.aux_importance_coef * losses["importance"]
+                     + cfg.aux_load_coef * losses["load"]
+                     + cfg.aux_z_coef * losses["z"])
+  return losses
+
+
+def load_metrics(stats: RouterStats) -> dict:
+  """Load-balance metrics for one layer: load fractions, max/mean, CV, dropped, entropy."""
+  f = stats.expert_frac_E
+  mean = jnp.mean(f, -1)
+  return {
+      "load_frac": f,
+      "max_over_mean_load": jnp.max(f, -1) / mean,
+      "load_cv": jnp.std(f, -1) / mean,
+      "dropped_frac": stats.dropped,
+      "router_entropy": stats.entropy,
+  }

@@ -1,0 +1,93 @@
+"""Decoder-only transformer (pre-norm, RoPE, SwiGLU or MoE FFN).
+
+    h_0 = Emb(tokens)
+    a_l = h_{l-1} + Attn(RMSNorm(h_{l-1}))
+    h_l = a_l + FFN_l(RMSNorm(a_l))        FFN_l = SwiGLU, or MoE every moe_every-th block
+    logits = RMSNorm(h_L) W_unembed         W_unembed = Emb^T when tie_embeddings
+
+`Decoder.__call__(tokens_BxL, positions_BxL=None, train=False)` returns
+`(logits_BxLxV, aux)` where `aux` holds the routing statistics of every MoE
+block stacked on a leading layer axis (`aux['stats']`, a RouterStats with
+arrays of shape [num_moe_layers, ...]) and the weighted auxiliary loss
+averaged over MoE blocks (`aux['loss']`, 0.0 for a dense model).
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.ffn import SwiGLU
+from model.moe import MoE
+from model.norm import RMSNorm
+from model.routing_losses import aux_losses
+
+
+class Block(nn.Module):
+  """One pre-norm block. Returns (h_BxLxD, RouterStats | None, cache)."""
+
+  cfg: ModelConfig
+  moe: bool
+
+  @nn.compact
+  def __call__(self, h_BxLxD, positions_BxL, train: bool = False, cache=None):
+    cfg = self.cfg
+    a, cache = Attention(cfg, name="attn")(
+        RMSNorm(cfg.norm_eps, name="attn_norm")(h_BxLxD), positions_BxL, cache)
+    h_BxLxD = h_BxLxD + a
+    x = RMSNorm(cfg.norm_eps, name="ffn_norm")(h_BxLxD)
+    if self.moe:
+      f, stats = MoE(cfg, name="moe")(x, train)
+    else:
+      f, stats = SwiGLU(cfg, name="ffn")(x), None
+    return h_BxLxD + f, stats, cache
+
+
+class Decoder(nn.Module):
+  """tokens_BxL -> (logits_BxLxV, aux). See the module docstring."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = self.param("embed", nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+                            (cfg.vocab_size, cfg.d_model), jnp.float32)
+    self.blocks = [Block(cfg, cfg.is_moe_layer(i), name=f"block_{i}")
+                   for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.norm_eps)
+    if not cfg.tie_embeddings:
+      self.unembed = self.param("unembed", nn.initializers.variance_scaling(
+          1.0, "fan_in", "truncated_normal"), (cfg.d_model, cfg.vocab_size), jnp.float32)
+
+  def embed_tokens(self, tokens_BxL):
+    return jnp.take(self.embed, tokens_BxL, axis=0).astype(jnp.dtype(self.cfg.dtype))
+
+  def logits(self, h_BxLxD):
+    """Final norm + unembedding, float32 logits."""
+    h = self.final_norm(h_BxLxD)
+    w_DxV = self.embed.T if self.cfg.tie_embeddings else self.unembed
+    return jnp.einsum("bld,dv->blv", h, w_DxV.astype(h.dtype)).astype(jnp.float32)
+
+  def __call__(self, tokens_BxL, positions_BxL: Optional[jax.Array] = None,
+               train: bool = False):
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    h = self.embed_tokens(tokens_BxL)
+    stats = []
+    for block in self.blocks:
+      h, s, _ = block(h, positions_BxL, train)
+      if s is not None:
+        stats.append(s)
+    return self.logits(h), collect_aux(stats, self.cfg)
+
+
+def collect_aux(stats: list, cfg: ModelConfig) -> dict:
+  """Stacks per-block RouterStats and averages the weighted aux loss over blocks."""
+  if not stats:
+    return {"loss": jnp.zeros((), jnp.float32)}
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+  losses = jax.vmap(lambda s: aux_losses(s, cfg))(stacked)
+  return {"loss": losses["total"].mean(), "losses": losses, "stats": stacked}

@@ -1,0 +1,35 @@
+"""moelab: sparse Mixture-of-Experts decoder LLMs and fast decoding in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="moelab",
+    version="0.1.0",
+    description="JAX/Flax research codebase for sparse MoE decoder LMs and fast decoding.",
+    python_requires=">=3.11",
+    packages=["configs", "model", "train", "decode", "kernels", "experiments"],
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "einops>=0.8",
+        "numpy>=1.26",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # torch is pinned to the CPU build that installs from local disk; a
+        # looser range pulls a multi-GB CUDA build.
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "scipy>=1.11",
+            "torch==2.13.0",
+            "transformers>=4.48",
+            "safetensors>=0.4",
+        ],
+    },
+)
