@@ -1,0 +1,151 @@
+"""Typed, validated view of a run's ml_collections config.
+
+`RunConfig.from_config(config)` turns the ConfigDict of a configs/*.py file
+(after command-line overrides) into frozen dataclasses and raises ValueError
+naming the offending field ("train.steps: must be a positive integer (got
+0)") before anything is compiled. Unknown keys are errors too, so a typo in
+`--config.optimizer.lerning_rate` does not silently do nothing.
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+from model.config import ModelConfig
+from train import tokenizer
+
+
+def _build(cls, section: str, d: Mapping[str, Any]):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"{section}: unknown field(s) {unknown}; known: {sorted(names)}")
+  return cls(**dict(d))
+
+
+def _check(section, obj, positive=(), non_negative=(), unit=()):
+  for f in positive:
+    v = getattr(obj, f)
+    if isinstance(v, bool) or not v > 0:
+      raise ValueError(f"{section}.{f}: must be > 0 (got {v!r})")
+  for f in non_negative:
+    v = getattr(obj, f)
+    if isinstance(v, bool) or not v >= 0:
+      raise ValueError(f"{section}.{f}: must be >= 0 (got {v!r})")
+  for f in unit:
+    v = getattr(obj, f)
+    if not 0 <= v <= 1:
+      raise ValueError(f"{section}.{f}: must be in [0, 1] (got {v!r})")
+
+
+def _ints(section, obj, fields):
+  for f in fields:
+    v = getattr(obj, f)
+    if isinstance(v, bool) or not isinstance(v, int):
+      raise ValueError(f"{section}.{f}: must be an integer (got {v!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  path: str = ""
+  val_percent: int = 5
+  seq_len: int = 128
+  batch_size: int = 16
+
+  def __post_init__(self):
+    _ints("data", self, ("val_percent", "seq_len", "batch_size"))
+    _check("data", self, positive=("seq_len", "batch_size"))
+    if not 0 <= self.val_percent < 100:
+      raise ValueError(f"data.val_percent: must be in [0, 100) (got {self.val_percent})")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 500
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 8
+
+  def __post_init__(self):
+    _ints("train", self, ("steps", "seed", "log_every", "eval_every", "eval_batches"))
+    _check("train", self, positive=("steps", "log_every", "eval_every", "eval_batches"),
+           non_negative=("seed",))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float = 3e-3
+  warmup_steps: int = 50
+  end_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  weight_decay: float = 0.1
+  grad_clip_norm: float = 1.0
+
+  def __post_init__(self):
+    _ints("optimizer", self, ("warmup_steps",))
+    _check("optimizer", self, positive=("learning_rate",),
+           non_negative=("warmup_steps", "weight_decay", "grad_clip_norm"),
+           unit=("end_lr_ratio",))
+    for f in ("b1", "b2"):
+      if not 0 <= getattr(self, f) < 1:
+        raise ValueError(f"optimizer.{f}: must be in [0, 1) (got {getattr(self, f)!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 100
+  keep: int = 3
+
+  def __post_init__(self):
+    _ints("checkpoint", self, ("every", "keep"))
+    _check("checkpoint", self, positive=("every", "keep"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes; their product must equal the device count."""
+
+  data: int = 1
+  expert: int = 1
+
+  def __post_init__(self):
+    _ints("mesh", self, ("data", "expert"))
+    _check("mesh", self, positive=("data", "expert"))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+  optimizer: OptimizerConfig
+  checkpoint: CheckpointConfig
+  mesh: MeshConfig
+
+  @classmethod
+  def from_config(cls, config) -> "RunConfig":
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                "optimizer": OptimizerConfig, "checkpoint": CheckpointConfig,
+                "mesh": MeshConfig}
+    unknown = sorted(set(d) - set(sections))
+    if unknown:
+      raise ValueError(f"config: unknown section(s) {unknown}; known: {sorted(sections)}")
+    run = cls(**{k: _build(c, k, d.get(k, {})) for k, c in sections.items()})
+    if run.data.seq_len > run.model.max_seq_len:
+      raise ValueError(f"data.seq_len: exceeds model.max_seq_len={run.model.max_seq_len} "
+                       f"(got {run.data.seq_len})")
+    if run.model.vocab_size < tokenizer.VOCAB_SIZE:
+      raise ValueError(f"model.vocab_size: the byte tokenizer needs >= {tokenizer.VOCAB_SIZE} "
+                       f"(got {run.model.vocab_size})")
+    if run.optimizer.warmup_steps >= run.train.steps:
+      raise ValueError(f"optimizer.warmup_steps: must be < train.steps={run.train.steps} "
+                       f"(got {run.optimizer.warmup_steps})")
+    if run.model.num_experts and run.model.num_experts % run.mesh.expert:
+      raise ValueError(f"mesh.expert: must divide model.num_experts={run.model.num_experts} "
+                       f"(got {run.mesh.expert})")
+    return run
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)

@@ -1,0 +1,123 @@
+"""The training loop: data -> jitted train_step -> metrics, eval, checkpoints.
+
+`train_and_evaluate(config, workdir)` runs a whole experiment and resumes
+automatically from the latest checkpoint in `workdir/checkpoints`. Because the
+batch of step s and the router-noise key of step s are pure functions of
+(seed, s), a run that is killed and resumed ends with bitwise the same
+parameters as one that ran straight through (on the same backend).
+
+Outputs in `workdir`: config.json, metrics.jsonl, tb/ (TensorBoard),
+checkpoints/ (Orbax).
+"""
+
+import functools
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from model.routing_losses import load_metrics
+from model.transformer import Decoder
+from train import checkpoint, data, optimizer
+from train import step as step_lib
+from train.config import RunConfig
+from train.metrics import MetricWriter
+
+
+def moe_metrics(stats, losses) -> dict:
+  """Per-MoE-layer routing metrics, flattened to names like 'layer1/load_cv'."""
+  out = {}
+  per_layer = jax.vmap(load_metrics)(stats)
+  for i in range(stats.dropped.shape[0]):
+    for k, v in per_layer.items():
+      out[f"moe{i}/{k}"] = v[i]
+    for k in ("switch", "importance", "load", "z"):
+      out[f"moe{i}/aux_{k}"] = losses[k][i]
+  out["dropped_frac"] = stats.dropped.mean()
+  out["load_cv"] = per_layer["load_cv"].mean()
+  return out
+
+
+def evaluate(eval_fn, params, ds: data.Dataset, run: RunConfig) -> dict:
+  sums = [eval_fn(params, b) for b in
+          data.val_batches(ds, run.train.eval_batches, run.data.batch_size)]
+  return step_lib.summarize_eval(sums)
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
+                       progress: bool = True) -> dict:
+  """Trains `config` in `workdir`. Returns a summary (throughput, last eval).
+
+  stop_after: stop once this many steps are done (used to simulate a killed
+    run in tests); the run resumes from its last checkpoint next time.
+  """
+  run = RunConfig.from_config(config)
+  checkpoint.write_config(workdir, run.to_dict())
+  ds = data.load(run.data.path, run.data.seq_len, run.data.val_percent)
+  logging.info("corpus: %d train files (%d tokens), %d val files", ds.num_train_files,
+               ds.num_train_tokens, ds.num_val_files)
+
+  model = Decoder(run.model)
+  tx = optimizer.make(run.optimizer, run.train.steps)
+  state = step_lib.init_state(model, tx, run.train.seed, run.data.seq_len)
+  mngr = checkpoint.manager(workdir, run.checkpoint.every, run.checkpoint.keep)
+  if mngr.latest_step() is not None:
+    state = checkpoint.restore(mngr, state)
+    logging.info("resumed from step %d", int(state.step))
+  start = int(state.step)
+
+  train_step = step_lib.jit_train_step(model, tx)
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
+  writer = MetricWriter(workdir)
+  tokens_per_step = run.data.batch_size * run.data.seq_len
+  last = min(run.train.steps, stop_after) if stop_after is not None else run.train.steps
+  summary = {"start_step": start}
+  bar = tqdm(total=last, initial=start, disable=not progress, unit="step")
+  t_window, steps_window, compile_s, train_s, timed_steps = time.perf_counter(), 0, None, 0.0, 0
+  for step in range(start, last):
+    batch = data.train_batch(ds, step, run.data.batch_size, run.train.seed)
+    t0 = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    if compile_s is None:  # first call: compile + one step
+      jax.block_until_ready(state)
+      compile_s = time.perf_counter() - t0
+      t_window, steps_window = time.perf_counter(), 0
+    else:
+      steps_window += 1
+    done = step + 1
+    if done % run.train.log_every == 0 or done == last:
+      metrics = jax.device_get(metrics)
+      dt = time.perf_counter() - t_window
+      if steps_window:
+        train_s, timed_steps = train_s + dt, timed_steps + steps_window
+        rates = {"steps_per_s": steps_window / dt,
+                 "tokens_per_s": steps_window * tokens_per_step / dt}
+      else:
+        rates = {}
+      scalars = {k: v for k, v in metrics.items() if k not in ("moe", "moe_losses")}
+      if "moe" in metrics:
+        scalars.update(moe_metrics(metrics["moe"], metrics["moe_losses"]))
+      scalars["learning_rate"] = optimizer.schedule(run.optimizer, run.train.steps)(step)
+      writer.write(done, "train", {**scalars, **rates})
+      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
+                      tok_s=f"{rates.get('tokens_per_s', 0):.0f}")
+      t_window, steps_window = time.perf_counter(), 0
+    if done % run.train.eval_every == 0 or done == run.train.steps:
+      ev = evaluate(eval_fn, state.params, ds, run)
+      writer.write(done, "eval", ev)
+      summary["eval"] = ev
+      logging.info("step %d eval %s", done, ev)
+      t_window, steps_window = time.perf_counter(), 0  # keep eval out of throughput
+    checkpoint.save(mngr, done, state, force=done == run.train.steps)
+    bar.update(1)
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  summary.update(final_step=int(state.step), compile_s=compile_s,
+                 steps_per_s=timed_steps / train_s if train_s else None,
+                 tokens_per_s=timed_steps * tokens_per_step / train_s if train_s else None)
+  summary["state"] = state
+  return summary
