@@ -9,6 +9,7 @@ workdir. See configs/base.py for every field.
 """
 
 import json
+import logging as py_logging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,8 +23,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 flags.mark_flag_as_required("workdir")
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Drops Orbax's per-save INFO chatter; warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   summary.pop("state")
   for path in plots.write_all(_WORKDIR.value):
