@@ -20,6 +20,7 @@ from typing import Any, Mapping
 ATTENTION_TYPES = ("mha",)  # MHA/GQA/MQA through num_kv_heads.
 MOE_MODES = ("sparse", "dense")  # top-k routing | all experts, softmax-weighted.
 MOE_DISPATCHES = ("capacity", "dropless")  # one-hot einsum with capacity | sort + ragged_dot.
+MOE_EP_EXCHANGES = ("auto", "ragged", "padded")  # dropless expert-parallel all-to-all.
 MOE_GATES = ("softmax_topk", "topk_softmax")  # Switch | Shazeer-2017 / Mixtral.
 ROUTER_NOISES = ("none", "shazeer", "jitter")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,6 +55,11 @@ class ModelConfig:
     moe_gate: 'softmax_topk' (softmax over all E, keep top-k probabilities;
       Switch) or 'topk_softmax' (softmax over the k selected logits; Shazeer
       2017 eq. 3-5 and Mixtral).
+    moe_ep_exchange: all-to-all of the dropless expert-parallel path
+      (model/expert_parallel.py): 'ragged' (ragged_all_to_all, GPU/TPU),
+      'padded' (fixed worst-case buffers, any backend) or 'auto' (ragged
+      unless the backend is CPU). Used only under a mesh with an `expert`
+      axis of size > 1.
     capacity_factor: training capacity factor (Switch; ST-MoE uses 1.25).
     eval_capacity_factor: evaluation capacity factor (ST-MoE uses 2.0).
     router_noise: 'none' | 'shazeer' (noisy top-k gating, Shazeer 2017 eq. 4)
@@ -89,6 +95,7 @@ class ModelConfig:
   moe_mode: str = "sparse"
   moe_dispatch: str = "capacity"
   moe_gate: str = "topk_softmax"
+  moe_ep_exchange: str = "auto"
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   router_noise: str = "none"
@@ -144,6 +151,7 @@ class ModelConfig:
     enum("moe_mode", MOE_MODES)
     enum("moe_dispatch", MOE_DISPATCHES)
     enum("moe_gate", MOE_GATES)
+    enum("moe_ep_exchange", MOE_EP_EXCHANGES)
     enum("router_noise", ROUTER_NOISES)
     if self.num_experts and self.moe_top_k > self.num_experts:
       err("moe_top_k", f"cannot exceed num_experts={self.num_experts}")

@@ -1,0 +1,179 @@
+"""Single-device MoE dispatch: the pure functions behind `model/moe.py`.
+
+    y(x) = sum_{i in top-k(x)} gate_i(x) * SwiGLU_i(x)       (Shazeer 2017 eq. 1; Mixtral eq. 2)
+
+Three interchangeable implementations of that sum:
+
+* `capacity_moe`: Switch/GShard fixed-capacity dispatch (index scatter/gather,
+  or the papers' one-hot einsum as a reference). Each expert holds at
+  most C = ceil(k * N * capacity_factor / E) tokens (Switch eq. 3 with k
+  assignments per token). Slots are filled in priority order: every token's
+  first choice before any second choice, then in token order. Assignments
+  past capacity are dropped: they contribute 0 here and the token passes
+  through the residual connection of the block unchanged (Switch sec. 2.2).
+* `dropless_moe`: sort the N*k assignments by expert, run the experts as one
+  grouped matmul (`jax.lax.ragged_dot`), unsort and combine. Nothing is dropped
+  (MegaBlocks, Gale et al. 2022).
+* `dense_moe`: every expert on every token, weighted by softmax over all E
+  (moe_mode='dense').
+
+The building blocks (`capacity_slots`, `scatter_to_experts`,
+`gather_from_experts`, `expert_ffn`, `sort_by_expert`, `grouped_ffn`,
+`combine`) are shared with the expert-parallel layer
+(`model/expert_parallel.py`), which inserts all-to-all exchanges between them.
+
+Expert weights: w_in (E, D, 2F) [gate | up fused], w_out (E, F, D).
+Shape names: N tokens, D width, E experts, K = top-k, C capacity,
+F expert hidden width, M = N*K assignments.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from model.ffn import swiglu
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
+  """C = ceil(k * tokens / experts * capacity_factor), at least 1."""
+  return max(1, math.ceil(top_k * num_tokens * factor / num_experts))
+
+
+def choice_counts(expert_NxK, num_experts: int):
+  """count_KxE[j, e] = number of tokens whose j-th choice is expert e (int32)."""
+  return jax.nn.one_hot(expert_NxK, num_experts, dtype=jnp.int32).sum(0)
+
+
+def capacity_slots(expert_NxK, num_experts: int, capacity: int, offset_KxE=None):
+  """Slot of every assignment inside its expert's buffer, priority order.
+
+      slot[n, j] = offset[j, e] + #{n' < n : expert[n', j] = e},   e = expert[n, j]
+
+  With the default offset[j, e] = sum_{j' < j} count[j', e] the priority is
+  all first choices (k=0) in token order, then all second choices, ...
+  The expert-parallel layer passes the offsets of its token shard inside the
+  global order, which makes `slot` the global slot.
+
+  Returns (slot_NxK int32, kept_NxK bool): kept iff slot < capacity.
+  """
+  onehot_NxKxE = jax.nn.one_hot(expert_NxK, num_experts, dtype=jnp.int32)
+  if offset_KxE is None:
+    count_KxE = onehot_NxKxE.sum(0)
+    offset_KxE = jnp.cumsum(count_KxE, axis=0) - count_KxE
+  rank_NxKxE = jnp.cumsum(onehot_NxKxE, axis=0) - 1 + offset_KxE[None]
+  slot_NxK = jnp.sum(rank_NxKxE * onehot_NxKxE, axis=-1)
+  return slot_NxK, slot_NxK < capacity
+
+
+def expert_ffn(x_ExCxD, w_in_ExDx2F, w_out_ExFxD):
+  """Runs expert e on its rows: [E, C, D] -> [E, C, D]."""
+  h = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_in_ExDx2F)
+  return jnp.einsum("ecf,efd->ecd", swiglu(h), w_out_ExFxD)
+
+
+def _flat_slot(expert_NxK, slot_NxK, kept_NxK, num_experts: int, capacity: int):
+  """Row e*C + slot of each kept assignment in the flattened [E*C] buffer;
+  dropped ones point one past the end (E*C). Flattened to [N*K]."""
+  return jnp.where(kept_NxK, expert_NxK * capacity + slot_NxK,
+                   num_experts * capacity).reshape(-1)
+
+
+def scatter_to_experts(x_NxD, expert_NxK, slot_NxK, kept_NxK, num_experts: int,
+                       capacity: int):
+  """buf[e, c] = x[n] for every kept assignment (n, j) -> (e, c); zeros elsewhere.
+
+  Returns x_ExCxD. O(N K D) data movement (no one-hot tensors).
+  """
+  n, k = expert_NxK.shape
+  flat_M = _flat_slot(expert_NxK, slot_NxK, kept_NxK, num_experts, capacity)
+  x_MxD = rearrange(jnp.broadcast_to(x_NxD[:, None], (n, k, x_NxD.shape[-1])),
+                    "n k d -> (n k) d")
+  x_ECxD = jnp.zeros((num_experts * capacity, x_NxD.shape[-1]), x_NxD.dtype).at[flat_M].set(
+      x_MxD, mode="drop", unique_indices=True)
+  return rearrange(x_ECxD, "(e c) d -> e c d", e=num_experts)
+
+
+def gather_from_experts(y_ExCxD, expert_NxK, slot_NxK, kept_NxK):
+  """y[n, j] = buf[expert[n, j], slot[n, j]] if kept else 0. Returns y_NxKxD."""
+  num_experts, capacity, _ = y_ExCxD.shape
+  flat_M = _flat_slot(expert_NxK, slot_NxK, kept_NxK, num_experts, capacity)
+  y_MxD = rearrange(y_ExCxD, "e c d -> (e c) d").at[flat_M].get(mode="fill", fill_value=0)
+  return rearrange(y_MxD, "(n k) d -> n k d", k=expert_NxK.shape[1])
+
+
+def combine(y_NxKxD, gate_NxK, kept_NxK=None):
+  """y[n] = sum_j gate[n, j] * kept[n, j] * y[n, j]. Returns y_NxD."""
+  gate_NxK = gate_NxK.astype(y_NxKxD.dtype)
+  if kept_NxK is not None:
+    gate_NxK = gate_NxK * kept_NxK
+  return jnp.einsum("nk,nkd->nd", gate_NxK, y_NxKxD)
+
+
+def capacity_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, capacity: int,
+                 dispatch: str = "gather"):
+  """Fixed-capacity dispatch. Returns (y_NxD, kept_NxK).
+
+  dispatch='gather': scatter tokens into the [E, C, D] expert buffers by their
+    (expert, slot) index and gather the outputs back; O(N k D) data movement.
+  dispatch='einsum': the Switch/GShard formulation with one-hot dispatch and
+    combine tensors [N, E, C]; O(N E C D) = O(k N^2 cf D) FLOPs. Same result;
+    kept as the reference the benchmarks compare against.
+  """
+  num_experts = w_in.shape[0]
+  slot_NxK, kept_NxK = capacity_slots(expert_NxK, num_experts, capacity)
+  if dispatch == "einsum":
+    gate_NxK = gate_NxK.astype(x_NxD.dtype)
+    # dispatch[n, e, c] = 1 iff token n sits in slot c of expert e.
+    dispatch_NxKxExC = (jax.nn.one_hot(expert_NxK, num_experts, dtype=x_NxD.dtype)[..., None]
+                        * jax.nn.one_hot(jnp.where(kept_NxK, slot_NxK, capacity), capacity,
+                                         dtype=x_NxD.dtype)[:, :, None, :])
+    dispatch_NxExC = dispatch_NxKxExC.sum(1)
+    combine_NxExC = jnp.einsum("nk,nkec->nec", gate_NxK, dispatch_NxKxExC)
+    x_ExCxD = jnp.einsum("nec,nd->ecd", dispatch_NxExC, x_NxD)
+    y_ExCxD = expert_ffn(x_ExCxD, w_in, w_out)
+    return jnp.einsum("nec,ecd->nd", combine_NxExC, y_ExCxD), kept_NxK
+  if dispatch != "gather":
+    raise ValueError(f"capacity_moe: unknown dispatch {dispatch!r}")
+  x_ExCxD = scatter_to_experts(x_NxD, expert_NxK, slot_NxK, kept_NxK, num_experts, capacity)
+  y_ExCxD = expert_ffn(x_ExCxD, w_in, w_out)
+  y_NxKxD = gather_from_experts(y_ExCxD, expert_NxK, slot_NxK, kept_NxK)
+  return combine(y_NxKxD, gate_NxK, kept_NxK), kept_NxK
+
+
+def sort_by_expert(expert_NxK, num_experts: int):
+  """Stable sort of the M = N*K assignments by expert.
+
+  Returns (order_M, group_sizes_E): assignment order[i] (flat index n*K + j)
+  is the i-th row of the sorted layout; expert e owns group_sizes[e]
+  consecutive rows.
+  """
+  flat_M = expert_NxK.reshape(-1)
+  order_M = jnp.argsort(flat_M, stable=True)
+  return order_M, jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
+
+
+def grouped_ffn(x_MxD, w_in, w_out, group_sizes_E):
+  """Expert e on its group of consecutive rows (grouped matmul, ragged_dot).
+
+  Rows past sum(group_sizes) belong to no group and come out as 0.
+  """
+  h_Mx2F = jax.lax.ragged_dot(x_MxD, w_in, group_sizes_E)
+  return jax.lax.ragged_dot(swiglu(h_Mx2F), w_out, group_sizes_E)
+
+
+def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
+  """Sort by expert + grouped matmul (ragged_dot); no token is dropped."""
+  k = expert_NxK.shape[1]
+  order_M, group_sizes_E = sort_by_expert(expert_NxK, w_in.shape[0])
+  y_sorted_MxD = grouped_ffn(x_NxD[order_M // k], w_in, w_out, group_sizes_E)
+  y_MxD = jnp.zeros_like(y_sorted_MxD).at[order_M].set(y_sorted_MxD, unique_indices=True)
+  return combine(rearrange(y_MxD, "(n k) d -> n k d", k=k), gate_NxK)
+
+
+def dense_moe(x_NxD, probs_NxE, w_in, w_out):
+  """Every expert on every token, weighted by the full softmax."""
+  h = jnp.einsum("nd,edf->nef", x_NxD, w_in)
+  y_NxExD = jnp.einsum("nef,efd->ned", swiglu(h), w_out)
+  return jnp.einsum("ne,ned->nd", probs_NxE.astype(x_NxD.dtype), y_NxExD)
