@@ -52,7 +52,9 @@ class MoE(nn.Module):
     w_in, w_out = self.w_in.astype(dt), self.w_out.astype(dt)
     factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
     mesh = jax.sharding.get_abstract_mesh()
-    if cfg.moe_mode == "sparse" and expert_parallel.expert_axis_size(mesh) > 1:
+    # Parameter shapes do not depend on the dispatch: init stays single-device.
+    if (cfg.moe_mode == "sparse" and expert_parallel.expert_axis_size(mesh) > 1
+        and not self.is_initializing()):
       return expert_parallel.expert_parallel_moe(
           x_NxD, routing, w_in, w_out, mesh, dispatch=cfg.moe_dispatch,
           capacity_factor=factor, exchange=cfg.moe_ep_exchange)

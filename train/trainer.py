@@ -21,6 +21,7 @@ from tqdm import tqdm
 from model.routing_losses import load_metrics
 from model.transformer import Decoder
 from train import checkpoint, data, optimizer
+from train import mesh as mesh_lib
 from train import step as step_lib
 from train.config import RunConfig
 from train.metrics import MetricWriter
@@ -54,6 +55,14 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     run in tests); the run resumes from its last checkpoint next time.
   """
   run = RunConfig.from_config(config)
+  mesh = mesh_lib.make_mesh(run.mesh, run.model.num_experts)
+  mesh_lib.check_batch_size(run.data.batch_size, mesh)
+  with jax.set_mesh(mesh):  # MoE layers traced under it use expert parallelism
+    return _train_and_evaluate(run, mesh, workdir, stop_after, progress)
+
+
+def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | None,
+                        progress: bool) -> dict:
   checkpoint.write_config(workdir, run.to_dict())
   ds = data.load(run.data.path, run.data.seq_len, run.data.val_percent)
   logging.info("corpus: %d train files (%d tokens), %d val files", ds.num_train_files,
@@ -61,14 +70,17 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
 
   model = Decoder(run.model)
   tx = optimizer.make(run.optimizer, run.train.steps)
-  state = step_lib.init_state(model, tx, run.train.seed, run.data.seq_len)
+  # Sharded by train/mesh.py's rules; a restore lands on these shardings (any mesh).
+  state, state_shardings = mesh_lib.init_sharded(
+      lambda: step_lib.init_state(model, tx, run.train.seed, run.data.seq_len), mesh)
   mngr = checkpoint.manager(workdir, run.checkpoint.every, run.checkpoint.keep)
   if mngr.latest_step() is not None:
     state = checkpoint.restore(mngr, state)
     logging.info("resumed from step %d", int(state.step))
   start = int(state.step)
 
-  train_step = step_lib.jit_train_step(model, tx)
+  train_step = step_lib.jit_train_step(
+      model, tx, out_shardings=(state_shardings, mesh_lib.replicated(mesh)))
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
   writer = MetricWriter(workdir)
   tokens_per_step = run.data.batch_size * run.data.seq_len
@@ -77,7 +89,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
   bar = tqdm(total=last, initial=start, disable=not progress, unit="step")
   t_window, steps_window, compile_s, train_s, timed_steps = time.perf_counter(), 0, None, 0.0, 0
   for step in range(start, last):
-    batch = data.train_batch(ds, step, run.data.batch_size, run.train.seed)
+    batch = mesh_lib.shard_batch(
+        data.train_batch(ds, step, run.data.batch_size, run.train.seed), mesh)
     t0 = time.perf_counter()
     state, metrics = train_step(state, batch)
     if compile_s is None:  # first call: compile + one step
