@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.moe_mode = "sparse"       # sparse | dense
   m.moe_dispatch = "capacity"  # capacity (token dropping) | dropless
   m.moe_gate = "topk_softmax"  # topk_softmax (Mixtral) | softmax_topk (Switch)
+  m.moe_ep_exchange = "auto"  # expert-parallel dropless all-to-all: auto | ragged | padded
   m.capacity_factor = 1.25
   m.eval_capacity_factor = 2.0
   m.router_noise = "none"     # none | shazeer | jitter

@@ -11,6 +11,7 @@ workdir. See configs/base.py for every field.
 import json
 import logging as py_logging
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -21,6 +22,31 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/moe_tiny.py",
                                           "Path to a configs/*.py file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots).")
 flags.mark_flag_as_required("workdir")
+# Multi-host (README "Multi-host"): one process per host, same command on all.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0; enables jax.distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1.")
+
+
+def init_distributed(coordinator: str | None, num_processes: int | None,
+                     process_id: int | None) -> bool:
+  """jax.distributed.initialize from the flags; must run before any jax computation.
+
+  Without --coordinator_address nothing happens (single process), unless
+  --num_processes/--process_id are given alone, which is an error.
+  """
+  if coordinator is None:
+    if num_processes is not None or process_id is not None:
+      raise ValueError("--num_processes/--process_id need --coordinator_address")
+    return False
+  if num_processes is None or process_id is None:
+    raise ValueError("--coordinator_address needs --num_processes and --process_id")
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id must be in [0, {num_processes}) (got {process_id})")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+  return True
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -33,8 +59,11 @@ class _QuietLibraries(py_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   summary.pop("state")
+  if jax.process_index() != 0:
+    return
   for path in plots.write_all(_WORKDIR.value):
     logging.info("wrote %s", path)
   print(json.dumps(summary, indent=2))
