@@ -54,11 +54,13 @@ def causal_mask(q_pos_BxL, k_pos_BxS):
 
 
 class Attention(nn.Module):
-  """x_BxLxD, positions_BxL -> y_BxLxD.
+  """x_BxLxD, positions_BxL[, cache] -> (y_BxLxD, cache).
 
   Params: w_qkv (D, H + 2K, E), w_o (H, E, D).
-  `cache` is reserved for the decode KV cache (decode/); with cache=None the
-  layer attends causally within x and returns (y, None).
+  With cache=None the layer attends causally within x and returns (y, None).
+  With a layer cache (model/kv_cache.py: `update` + `attend`), the new keys
+  and values are written at `positions_BxL` and the queries attend to every
+  cached position <= their own; returns (y, updated cache).
   """
 
   cfg: ModelConfig
@@ -77,10 +79,9 @@ class Attention(nn.Module):
     dt = jnp.dtype(cfg.dtype)
     h, kv = cfg.num_heads, cfg.num_kv_heads
     qkv_BxLxNxE = jnp.einsum("bld,dne->blne", x_BxLxD.astype(dt), self.w_qkv.astype(dt))
-    q, k, v = jnp.split(qkv_BxLxNxE, [h, h + kv], axis=2)
-    q = apply_rope(q, positions_BxL, cfg.rope_theta)
-    k = apply_rope(k, positions_BxL, cfg.rope_theta)
-    return q, k, v
+    # One rotation for q and k together (shared cos/sin, fewer ops per step).
+    qk_BxLx_H_K_xE = apply_rope(qkv_BxLxNxE[:, :, : h + kv], positions_BxL, cfg.rope_theta)
+    return qk_BxLx_H_K_xE[:, :, :h], qk_BxLx_H_K_xE[:, :, h:], qkv_BxLxNxE[:, :, h + kv:]
 
   def out(self, o_BxLxHxE):
     """Output projection: o_BxLxHxE -> y_BxLxD."""
@@ -88,8 +89,10 @@ class Attention(nn.Module):
     return jnp.einsum("blhe,hed->bld", o_BxLxHxE, self.w_o.astype(dt))
 
   def __call__(self, x_BxLxD, positions_BxL, cache: Optional[Any] = None):
-    if cache is not None:
-      raise ValueError("Attention: decode caches are handled by decode/")
     q, k, v = self.qkv(x_BxLxD, positions_BxL)
-    o = attend(q, k, v, causal_mask(positions_BxL, positions_BxL))
-    return self.out(o), None
+    if cache is None:
+      o = attend(q, k, v, causal_mask(positions_BxL, positions_BxL))
+    else:
+      cache = cache.update(k, v, positions_BxL)
+      o = cache.attend(q, positions_BxL)
+    return self.out(o), cache

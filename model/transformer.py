@@ -10,6 +10,12 @@
 block stacked on a leading layer axis (`aux['stats']`, a RouterStats with
 arrays of shape [num_moe_layers, ...]) and the weighted auxiliary loss
 averaged over MoE blocks (`aux['loss']`, 0.0 for a dense model).
+
+`Decoder.decode(tokens_BxL, positions_BxL, cache)` is the inference path
+(prefill and decode steps alike): every block writes its new keys/values into
+its layer of `cache` (model/kv_cache.py) at `positions_BxL` and attends to
+the cached positions <= each query's. Returns `(logits_BxLxV, cache)`. MoE
+blocks run with train=False (evaluation capacity, no router noise).
 """
 
 from typing import Optional
@@ -82,6 +88,15 @@ class Decoder(nn.Module):
       if s is not None:
         stats.append(s)
     return self.logits(h), collect_aux(stats, self.cfg)
+
+  def decode(self, tokens_BxL, positions_BxL, cache):
+    """Cached forward: (logits_BxLxV, cache with the L new tokens written)."""
+    h = self.embed_tokens(tokens_BxL)
+    layers = []
+    for block, layer in zip(self.blocks, cache.layers):
+      h, _, layer = block(h, positions_BxL, False, layer)
+      layers.append(layer)
+    return self.logits(h), cache.replace_layers(layers)
 
 
 def collect_aux(stats: list, cfg: ModelConfig) -> dict:

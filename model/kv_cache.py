@@ -1,0 +1,117 @@
+"""Decode-time key/value cache: contiguous `[B, T, K, E]` buffers per layer.
+
+The cache is a map (row b, position p) -> (k, v) for every layer. This
+contiguous implementation stores position p of row b in slot p of that row:
+
+    k_BxTxKxE[b, p] = RoPE(x_p W_k, p)      for every p < written_b
+
+so rows need no left padding and every row has its own write position. A
+step writes the L new tokens of row b at positions `positions_BxL[b]` (a
+contiguous run starting at `positions_BxL[b, 0]`) with one per-row
+`lax.dynamic_update_slice` (`update_rows`), and the queries attend to the
+slots s <= their own position (`attend`): slots past a row's position are
+never read, so stale entries (right-padded prompt tails, rejected
+speculative tokens, a finished row's idle writes) need no clearing.
+
+Interface of a layer cache (what `model.attention.Attention` calls), so other
+layouts are additions rather than rewrites:
+
+    layer = layer.update(k_BxLxKxE, v_BxLxKxE, positions_BxL)   # functional write
+    o_BxLxHxE = layer.attend(q_BxLxHxE, positions_BxL)          # read + attention
+
+A paged cache (vLLM) keeps the same two methods over a page table, an MLA
+cache stores the latent instead of K/V and does absorbed attention in
+`attend`, and a Pallas decode kernel replaces the body of `attend`.
+`KVCache` is the whole model's cache: one layer cache per block plus
+`reorder` (beam search) and `init`.
+
+Shape names: B rows, T max length, L new tokens, K kv heads, H query heads,
+E head width.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from model.attention import attend
+from model.config import ModelConfig
+
+
+def update_rows(buf_BxTx, new_BxLx, start_B):
+  """buf[b, start_b : start_b + L] = new[b] for every row (functional).
+
+  One `lax.dynamic_update_slice` per row (vmapped: a single scatter), so in a
+  loop carry XLA updates the buffer in place. As in dynamic_update_slice, a
+  start past T - L is clamped to T - L.
+  """
+  def one(buf_Tx, new_Lx, start):
+    idx = (start,) + (0,) * (buf_Tx.ndim - 1)
+    return jax.lax.dynamic_update_slice(buf_Tx, new_Lx.astype(buf_Tx.dtype), idx)
+  return jax.vmap(one)(buf_BxTx, new_BxLx, start_B.astype(jnp.int32))
+
+
+@flax.struct.dataclass
+class LayerKV:
+  """One layer's contiguous cache: k/v_BxTxKxE (slot p holds position p)."""
+
+  k_BxTxKxE: jax.Array
+  v_BxTxKxE: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k_BxTxKxE.shape[1]
+
+  def update(self, k_BxLxKxE, v_BxLxKxE, positions_BxL) -> "LayerKV":
+    """Writes the new tokens of row b at positions_BxL[b, 0] ... (contiguous)."""
+    start_B = positions_BxL[:, 0]
+    return LayerKV(update_rows(self.k_BxTxKxE, k_BxLxKxE, start_B),
+                   update_rows(self.v_BxTxKxE, v_BxLxKxE, start_B))
+
+  def attend(self, q_BxLxHxE, positions_BxL):
+    """Causal attention of the queries over the cached slots s <= position."""
+    slot_BxT = jnp.broadcast_to(jnp.arange(self.max_len, dtype=jnp.int32),
+                                (q_BxLxHxE.shape[0], self.max_len))
+    mask_BxLxT = slot_BxT[:, None, :] <= positions_BxL[:, :, None]
+    return attend(q_BxLxHxE, self.k_BxTxKxE, self.v_BxTxKxE, mask_BxLxT)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """The decoder's cache: `layers[i]` is block i's layer cache."""
+
+  layers: tuple
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    """Zero cache for `batch` rows of up to `max_len` positions."""
+    dt = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    return cls(tuple(LayerKV(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+                     for _ in range(cfg.num_layers)))
+
+  @property
+  def batch(self) -> int:
+    return jax.tree.leaves(self)[0].shape[0]
+
+  @property
+  def max_len(self) -> int:
+    return self.layers[0].max_len
+
+  def replace_layers(self, layers: Sequence) -> "KVCache":
+    return self.replace(layers=tuple(layers))
+
+  def reorder(self, rows_B) -> "KVCache":
+    """Row b of the result is row rows_B[b] of this cache (beam search).
+
+    A gather of every buffer: the contiguous layout has no sharing; a paged
+    cache implements this by copying page tables only.
+    """
+    return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=0), self)
+
+  def repeat(self, n: int) -> "KVCache":
+    """Each row repeated n times consecutively (prompt -> beams / samples)."""
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), self)
