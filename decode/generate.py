@@ -1,0 +1,190 @@
+"""`generate`: the one entry point for decoding a moelab `Decoder`.
+
+    out = generate(cfg, params, [[1, 2, 3], [4, 5]], strategy="greedy",
+                   max_new_tokens=32, eos_id=257)
+    out.tokens[r, :out.lengths[r]]      # generated ids of output row r
+
+Prompts are lists of ids of any lengths (no left padding; per-row
+positions, model/kv_cache.py). Strategies:
+
+* 'greedy': argmax (repetition penalty is the only processor, as in HF).
+* 'sample': processors (decode/processors.py) with per-prompt parameters,
+  then a categorical draw; `num_samples` independent samples per prompt.
+* 'beam': HF v5 beam search (decode/beam_search.py) returning
+  `num_return_sequences` hypotheses per prompt, best first.
+
+Everything after the argument checks is one jitted function: prefill + one
+`lax.while_loop`. `decode_fn` returns that jitted function (cached per
+static configuration) so callers can time compilation separately
+(`decode_fn(...).lower(*args).compile()`, experiments/bench_decode.py).
+
+Output rows are ordered prompt-major: row r continues prompt
+`prompt_index[r]` (`r // num_samples` or `r // num_return_sequences`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decode import processors as proc
+from decode.beam_search import beam_search_loop, length_penalty_divisor
+from decode.sampling import STRATEGIES as SAMPLING_STRATEGIES
+from decode.sampling import sample_loop
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+from model.transformer import Decoder
+
+STRATEGIES = SAMPLING_STRATEGIES + ("beam",)
+PROMPT_BUCKET = 8  # prompt widths are padded to a multiple of this (fewer recompiles)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  """Host-side results; R output rows (prompt-major).
+
+  tokens: [R, N] generated ids (stop token included), `pad_id` after `lengths`.
+  lengths: [R] number of generated tokens.
+  logprobs: [R] sum of log-probabilities of the generated tokens: of the
+    model distribution for greedy/sample; for beam, the (processed) beam
+    log-probability, HF's `sequences_scores * lp(length)`.
+  scores: [R] beam: HF `sequences_scores` (length-penalised); otherwise logprobs.
+  prompt_index: [R] prompt each row continues.
+  """
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  logprobs: np.ndarray
+  scores: np.ndarray
+  prompt_index: np.ndarray
+
+  def sequences(self) -> list[list[int]]:
+    return [t[:n].tolist() for t, n in zip(self.tokens, self.lengths)]
+
+
+def make_step_fn(cfg: ModelConfig, params):
+  """step_fn(tokens_BxL, positions_BxL, cache) -> (logits_BxLxV, cache)."""
+  model = Decoder(cfg)
+  return lambda t, p, c: model.apply({"params": params}, t, p, c, method=Decoder.decode)
+
+
+@functools.lru_cache(maxsize=64)
+def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len: int,
+              stop_ids: tuple = (), pad_id: int = 0, active: tuple = (), num_beams: int = 1,
+              length_penalty: float = 1.0, length_penalty_type: str = "hf",
+              early_stopping=False):
+  """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng) -> dict.
+
+  The dict holds `tokens` [R, N], `lengths` [R], `logprobs` [R], `scores` [R]
+  with R = B rows (greedy/sample) or B * num_beams (beam, best first).
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy must be one of {STRATEGIES} (got {strategy!r})")
+
+  def run(params, prompt_BxP, prompt_len_B, sp, rng):
+    b = prompt_BxP.shape[0]
+    step_fn = make_step_fn(cfg, params)
+    cache = KVCache.init(cfg, b, cache_len)
+    if strategy == "beam":
+      s = beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, sp, num_beams=num_beams,
+                           max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                           length_penalty=length_penalty,
+                           length_penalty_type=length_penalty_type,
+                           early_stopping=early_stopping, active=active)
+      lengths = s.finished_len_BxW.reshape(-1)
+      scores = s.finished_scores_BxW.reshape(-1)
+      n = s.finished_tokens_BxWxN.shape[-1]
+      tokens = jnp.where(jnp.arange(n) < lengths[:, None],
+                         s.finished_tokens_BxWxN.reshape(-1, n), pad_id)
+      logprobs = scores * length_penalty_divisor(lengths, length_penalty, length_penalty_type)
+      return {"tokens": tokens, "lengths": lengths, "logprobs": logprobs, "scores": scores}
+    s = sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, sp, rng, strategy=strategy,
+                    max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                    active=active)
+    return {"tokens": s.tokens_BxN, "lengths": s.num_generated_B, "logprobs": s.logprob_B,
+            "scores": s.logprob_B}
+
+  return jax.jit(run)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
+  """Right-pads to a multiple of `bucket`. Returns (prompt_BxP, prompt_len_B) numpy int32."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token (e.g. BOS)")
+  lens = np.array([len(p) for p in prompts], np.int32)
+  width = bucket * math.ceil(lens.max() / bucket)
+  out = np.full((len(prompts), width), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    out[i, : len(p)] = p
+  return out, lens
+
+
+def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
+             strategy: str = "greedy", max_new_tokens: int = 32, eos_id: int | None = None,
+             stop_ids: Sequence[int] = (), pad_id: int = 0, temperature=1.0, top_k=0,
+             top_p=1.0, min_p=0.0, repetition_penalty=1.0, min_tokens_to_keep: int = 1,
+             num_samples: int = 1, num_beams: int = 4, length_penalty: float = 1.0,
+             length_penalty_type: str = "hf", early_stopping=False,
+             num_return_sequences: int = 1, seed: int = 0) -> GenerateOutput:
+  """Decodes continuations of `prompts` (lists of token ids, any lengths).
+
+  Args:
+    cfg, params: the moelab Decoder (e.g. from model/hf_interop.py).
+    strategy: 'greedy' | 'sample' | 'beam'.
+    max_new_tokens: N, most tokens generated per row (stop token included).
+    eos_id, stop_ids: a row stops after emitting any of them (the token is kept).
+    pad_id: fills generated positions after a row stopped.
+    temperature, top_k, top_p, min_p, repetition_penalty: HF processors, a
+      scalar or one value per prompt; temperature/top-k/top-p/min-p apply to
+      'sample' only, the repetition penalty to every strategy.
+    min_tokens_to_keep: HF's floor for top-k/top-p/min-p.
+    num_samples: samples per prompt ('sample'; 'greedy' would repeat).
+    num_beams, length_penalty, length_penalty_type ('hf' | 'gnmt'),
+      early_stopping (True | False | 'never'), num_return_sequences: beam search.
+    seed: PRNG seed for sampling.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy must be one of {STRATEGIES} (got {strategy!r})")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+  stop = tuple(sorted({int(t) for t in ([] if eos_id is None else [eos_id]) + list(stop_ids)}))
+  prompt_BxP, lens_B = pad_prompts(prompts, pad_id)
+  if lens_B.max() + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(f"prompt ({lens_B.max()}) + max_new_tokens ({max_new_tokens}) exceeds "
+                     f"model.max_seq_len={cfg.max_seq_len}")
+  b = len(prompts)
+  rows = {"sample": num_samples, "greedy": 1, "beam": num_beams}[strategy]
+  if strategy == "beam":
+    if not 1 <= num_return_sequences <= num_beams:
+      raise ValueError(f"num_return_sequences must be in [1, num_beams={num_beams}]")
+    if num_beams < 1:
+      raise ValueError("num_beams must be >= 1")
+  elif num_samples < 1:
+    raise ValueError("num_samples must be >= 1")
+  sp = proc.SamplingParams.create(b, repetition_penalty=repetition_penalty,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+  active = sp.active()
+  if strategy != "sample":  # HF applies the warpers only when sampling.
+    active = tuple(a for a in active if a == "repetition_penalty")
+  if strategy == "sample":
+    prompt_BxP, lens_B = np.repeat(prompt_BxP, rows, 0), np.repeat(lens_B, rows)
+  sp = sp.repeat(rows if strategy != "greedy" else 1)
+  fn = decode_fn(cfg, strategy, max_new_tokens=max_new_tokens,
+                 cache_len=prompt_BxP.shape[1] + max_new_tokens, stop_ids=stop, pad_id=pad_id,
+                 active=active, num_beams=num_beams if strategy == "beam" else 1,
+                 length_penalty=float(length_penalty), length_penalty_type=length_penalty_type,
+                 early_stopping=early_stopping)
+  out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, jax.random.key(seed)))
+  keep = num_return_sequences if strategy == "beam" else rows
+  sel = (np.arange(b)[:, None] * rows + np.arange(keep)[None]).reshape(-1)
+  return GenerateOutput(tokens=np.asarray(out["tokens"])[sel],
+                        lengths=np.asarray(out["lengths"])[sel],
+                        logprobs=np.asarray(out["logprobs"])[sel],
+                        scores=np.asarray(out["scores"])[sel],
+                        prompt_index=sel // rows)

@@ -1,0 +1,115 @@
+"""Greedy and sampled decoding: one `lax.while_loop` over single-token steps.
+
+Per iteration, for every row that is not done (HF `_sample` semantics):
+
+    s_BxV   = process(logits)                       (decode/processors.py)
+    x_B     = argmax s  (greedy)  |  x ~ softmax(s)  (sampling)
+    logits  = step_fn(x_B at position_B)            (cached forward, one token)
+
+A row is done after it emits a stop token (EOS or an extra stop id; the stop
+token is kept and counted) or `max_new_tokens` tokens; done rows emit
+`pad_id` and stop changing (their idle cache writes land past their last
+token and are never read). The loop ends when every row is done.
+
+Reported `logprob_B` is the sum over the generated tokens (stop token
+included) of log p_model(x_t | x_<t), the unprocessed model distribution.
+
+Shape names: B rows, N max_new_tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from decode import processors as proc
+from decode.prefill import prefill
+
+STRATEGIES = ("greedy", "sample")
+
+
+@flax.struct.dataclass
+class SampleState:
+  """Carry of the greedy/sampling loop."""
+
+  step: jax.Array               # [] int32, iterations run
+  tokens_BxN: jax.Array         # generated ids, pad after a row is done
+  num_generated_B: jax.Array    # [B] int32, stop token included
+  position_B: jax.Array         # [B] int32, position of the next token
+  done_B: jax.Array             # [B] bool
+  logprob_B: jax.Array          # [B] float32, sum log p_model(generated)
+  logits_BxV: jax.Array         # next-token logits (float32)
+  presence_BxV: jax.Array | None  # tokens seen per row (repetition penalty)
+  cache: object                 # model/kv_cache.KVCache (or any layer-cache pytree)
+  rng: jax.Array
+
+
+def choose_tokens(logits_BxV, params: proc.SamplingParams, presence_BxV, rng, *,
+                  strategy: str, active: Sequence[str]):
+  """Processes the logits and picks one token per row. Returns int32 [B]."""
+  s_BxV = proc.process(logits_BxV, params, presence_BxV, active)
+  if strategy == "greedy":
+    return jnp.argmax(s_BxV, axis=-1).astype(jnp.int32)
+  if strategy == "sample":
+    return jax.random.categorical(rng, s_BxV, axis=-1).astype(jnp.int32)
+  raise ValueError(f"strategy must be one of {STRATEGIES} (got {strategy!r})")
+
+
+def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingParams,
+                rng, *, strategy: str, max_new_tokens: int, stop_ids: Sequence[int],
+                pad_id: int, active: Sequence[str] = ()):
+  """Prefill + decode loop. Returns the final SampleState.
+
+  Args:
+    step_fn: (tokens_BxL, positions_BxL, cache) -> (logits_BxLxV, cache).
+    cache: empty cache with B rows and at least P + max_new_tokens positions.
+    prompt_BxP: right-padded prompts; prompt_len_B >= 1 valid tokens per row.
+    params: per-row processor parameters (SamplingParams with [B] arrays).
+    active: processors to apply (static; `SamplingParams.active()`); greedy
+      uses only 'repetition_penalty' (HF applies no warpers when greedy).
+  """
+  b, p = prompt_BxP.shape
+  logits_BxV, cache = prefill(step_fn, prompt_BxP, prompt_len_B, cache)
+  vocab = logits_BxV.shape[-1]
+  presence = None
+  if "repetition_penalty" in active:
+    presence = proc.presence_mask(prompt_BxP, jnp.arange(p)[None] < prompt_len_B[:, None], vocab)
+  stop_S = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
+  state = SampleState(
+      step=jnp.zeros((), jnp.int32),
+      tokens_BxN=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+      num_generated_B=jnp.zeros((b,), jnp.int32),
+      position_B=prompt_len_B.astype(jnp.int32),
+      done_B=jnp.zeros((b,), bool),
+      logprob_B=jnp.zeros((b,), jnp.float32),
+      logits_BxV=logits_BxV.astype(jnp.float32),
+      presence_BxV=presence, cache=cache, rng=rng)
+
+  def cond(s: SampleState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done_B)
+
+  def body(s: SampleState):
+    x_B = choose_tokens(s.logits_BxV, params, s.presence_BxV,
+                        jax.random.fold_in(s.rng, s.step), strategy=strategy, active=active)
+    x_B = jnp.where(s.done_B, pad_id, x_B)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(s.logits_BxV, axis=-1), x_B[:, None],
+                                 axis=-1)[:, 0]
+    live_B = ~s.done_B
+    tokens = s.tokens_BxN.at[jnp.arange(b), s.num_generated_B].set(x_B, mode="drop")
+    num_generated = s.num_generated_B + live_B
+    done = s.done_B | jnp.isin(x_B, stop_S) | (num_generated >= max_new_tokens)
+    presence = s.presence_BxV
+    if presence is not None:
+      presence = presence.at[jnp.arange(b), x_B].max(live_B)
+    logits_Bx1xV, cache = step_fn(x_B[:, None], s.position_B[:, None], s.cache)
+    return SampleState(
+        step=s.step + 1, tokens_BxN=tokens, num_generated_B=num_generated,
+        position_B=s.position_B + live_B, done_B=done,
+        logprob_B=s.logprob_B + jnp.where(live_B, logp_B, 0.0),
+        logits_BxV=logits_Bx1xV[:, 0].astype(jnp.float32), presence_BxV=presence,
+        cache=cache, rng=s.rng)
+
+  return jax.lax.while_loop(cond, body, state)
