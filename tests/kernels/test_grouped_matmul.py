@@ -16,11 +16,17 @@ def test_tiled_equals_ragged_dot_values_and_grads(sizes, tile):
   x = jax.random.normal(kx, (m, k))
   w = jax.random.normal(kw, (len(sizes), k, n))
   gs = jnp.array(sizes, jnp.int32)
+  with jax.default_matmul_precision("float32"):  # no TF32 on GPU
+    check_against_ragged_dot(x, w, gs, sizes, tile)
+
+
+def check_against_ragged_dot(x, w, gs, sizes, tile):
+  n = w.shape[-1]
   loss = lambda f: lambda x, w: (jnp.sin(f(x, w)) * jnp.arange(n)).sum()
   tiled = jax.value_and_grad(loss(lambda x, w: tiled_gmm(x, w, gs, tile)), (0, 1))(x, w)
   ragged = jax.value_and_grad(loss(lambda x, w: jax.lax.ragged_dot(x, w, gs)), (0, 1))(x, w)
   for a, b in zip(jax.tree.leaves(tiled), jax.tree.leaves(ragged)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5)
   out = np.asarray(tiled_gmm(x, w, gs, tile))
   starts = np.cumsum([0] + sizes)
   for g in range(len(sizes)):
@@ -35,4 +41,4 @@ def test_impl_choice_and_tile():
   np.testing.assert_array_equal(gmm(x, w, gs, "ragged"), gmm(x, w, gs, "tiled"))
   with pytest.raises(ValueError, match="impl must be one of"):
     gmm(x, w, gs, "cuda")
-  assert tile_rows(8192, 64) == 128 and tile_rows(100, 8) == 16 and tile_rows(4, 8) == 8
+  assert tile_rows(8192, 64) == 64 and tile_rows(256, 8) == 16 and tile_rows(4, 8) == 8

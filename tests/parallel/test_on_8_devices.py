@@ -1,8 +1,9 @@
 """Makes the tests of this directory run on 8 devices, never on fewer.
 
 With 8 devices in this process they run right here (conftest.py kept them
-collected); otherwise conftest.py deselected them and this test runs the
-directory in a subprocess whose XLA_FLAGS create 8 CPU devices.
+collected); otherwise (conftest.py deselected them, or only this file was
+selected) this test runs the directory in a subprocess whose XLA_FLAGS create
+8 CPU devices.
 """
 
 import os
@@ -15,13 +16,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_directory_runs_on_8_devices(request):
-  if jax.device_count() >= 8:
-    here_items = [it for it in request.session.items
-                  if str(it.path).startswith(HERE + os.sep) and it.path != request.node.path]
-    assert here_items, "the multi-device tests were not collected"
-    return
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                                    + " --xla_force_host_platform_device_count=8").strip())
+  siblings = [it for it in request.session.items
+              if str(it.path).startswith(HERE + os.sep) and it.path != request.node.path]
+  if jax.device_count() >= 8 and siblings:
+    return  # they run in this process
+  env = dict(os.environ, JAX_PLATFORMS="cpu",  # 8 CPU devices even on a 1-GPU host
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                        + " --xla_force_host_platform_device_count=8").strip())
   cmd = [sys.executable, "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider",
          "--import-mode=importlib", "-m", request.config.getoption("markexpr") or "not slow"]
   proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(HERE)), env=env,
