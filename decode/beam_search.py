@@ -49,6 +49,13 @@ LENGTH_PENALTIES = ("hf", "gnmt")
 EARLY_STOPPING = (True, False, "never")
 
 
+def early_stopping_code(early_stopping) -> int:
+  """False -> 0, True -> 1, 'never' -> 2 (a traced int32 selects at run time)."""
+  if early_stopping not in EARLY_STOPPING or not isinstance(early_stopping, (bool, str)):
+    raise ValueError(f"early_stopping must be one of {EARLY_STOPPING} (got {early_stopping!r})")
+  return {False: 0, True: 1, "never": 2}[early_stopping]
+
+
 def length_penalty_divisor(gen_len, alpha: float, kind: str = "hf"):
   """lp(n): n ** alpha (HF) or ((5 + n) / 6) ** alpha (GNMT). float32."""
   n = jnp.asarray(gen_len, jnp.float32)
@@ -94,9 +101,15 @@ def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.Samp
     cache: empty cache with B rows (repeated to B*W after the prefill).
     params: per-beam (B*W rows) processor parameters; only the repetition
       penalty applies to beam search (HF applies warpers only when sampling).
+    length_penalty: alpha (a float, or a traced float32 scalar so one
+      compilation serves every value).
+    early_stopping: True | False | 'never', or its `early_stopping_code` as a
+      traced int32 scalar.
   """
-  if early_stopping not in EARLY_STOPPING:
-    raise ValueError(f"early_stopping must be one of {EARLY_STOPPING} (got {early_stopping!r})")
+  if isinstance(early_stopping, (bool, str)):
+    early_stopping = early_stopping_code(early_stopping)
+  es_true = jnp.asarray(early_stopping) == 1
+  es_never = jnp.asarray(early_stopping) == 2
   b, p = prompt_BxP.shape
   w, n = num_beams, max_new_tokens
   stop_S = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
@@ -146,7 +159,7 @@ def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.Samp
     # 4. finished pool.
     just_done_BxK = hits_BxK & (jnp.arange(k) < w)
     fin_BxK = top_scores_BxK / lp(g + 1)
-    pool_full_Bx1 = jnp.all(s.is_finished_BxW, axis=-1, keepdims=True) & (early_stopping is True)
+    pool_full_Bx1 = jnp.all(s.is_finished_BxW, axis=-1, keepdims=True) & es_true
     fin_BxK = fin_BxK + pool_full_Bx1.astype(jnp.float32) * NEG
     fin_BxK = fin_BxK + (~s.improvable_Bx1).astype(jnp.float32) * NEG
     fin_BxK = fin_BxK + (~just_done_BxK).astype(jnp.float32) * NEG
@@ -165,11 +178,11 @@ def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.Samp
       presence = presence[rows_BW].at[jnp.arange(b * w), token_BxW.reshape(-1)].set(True)
     # 5. improvable heuristic, 6. stopping condition.
     g1 = g + 1
-    best_len = n if (early_stopping == "never" and length_penalty > 0) else g1
+    best_len = jnp.where(es_never & (length_penalty > 0), n, g1)
     best_Bx1 = running_scores[:, :1] / lp(best_len)
     worst_BxW = jnp.where(is_finished, finished_scores.min(axis=1, keepdims=True), NEG)
     improvable = s.improvable_Bx1 & jnp.any(best_Bx1 > worst_BxW, axis=-1, keepdims=True)
-    go = (jnp.any(improvable) & ~(jnp.all(is_finished) & (early_stopping is True))
+    go = (jnp.any(improvable) & ~(jnp.all(is_finished) & es_true)
           & ~jnp.all(hits_BxK))
     logits_BWx1xV, cache = step_fn(token_BxW.reshape(-1, 1), (position_BW + g)[:, None], cache)
     return BeamState(

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decode import processors as proc
-from decode.beam_search import beam_search_loop, length_penalty_divisor
+from decode.beam_search import beam_search_loop, early_stopping_code, length_penalty_divisor
 from decode.sampling import STRATEGIES as SAMPLING_STRATEGIES
 from decode.sampling import sample_loop
 from model.config import ModelConfig
@@ -77,32 +77,31 @@ def make_step_fn(cfg: ModelConfig, params):
 @functools.lru_cache(maxsize=64)
 def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len: int,
               stop_ids: tuple = (), pad_id: int = 0, active: tuple = (), num_beams: int = 1,
-              length_penalty: float = 1.0, length_penalty_type: str = "hf",
-              early_stopping=False):
-  """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng) -> dict.
+              length_penalty_type: str = "hf"):
+  """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng, beam) -> dict.
 
-  The dict holds `tokens` [R, N], `lengths` [R], `logprobs` [R], `scores` [R]
+  `beam` = (length_penalty float32 [], early_stopping_code int32 []): run-time
+  values, so one compilation serves every length penalty. The dict holds `tokens` [R, N], `lengths` [R], `logprobs` [R], `scores` [R]
   with R = B rows (greedy/sample) or B * num_beams (beam, best first).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES} (got {strategy!r})")
 
-  def run(params, prompt_BxP, prompt_len_B, sp, rng):
+  def run(params, prompt_BxP, prompt_len_B, sp, rng, beam):
     b = prompt_BxP.shape[0]
     step_fn = make_step_fn(cfg, params)
     cache = KVCache.init(cfg, b, cache_len)
     if strategy == "beam":
       s = beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, sp, num_beams=num_beams,
                            max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                           length_penalty=length_penalty,
-                           length_penalty_type=length_penalty_type,
-                           early_stopping=early_stopping, active=active)
+                           length_penalty=beam[0], length_penalty_type=length_penalty_type,
+                           early_stopping=beam[1], active=active)
       lengths = s.finished_len_BxW.reshape(-1)
       scores = s.finished_scores_BxW.reshape(-1)
       n = s.finished_tokens_BxWxN.shape[-1]
       tokens = jnp.where(jnp.arange(n) < lengths[:, None],
                          s.finished_tokens_BxWxN.reshape(-1, n), pad_id)
-      logprobs = scores * length_penalty_divisor(lengths, length_penalty, length_penalty_type)
+      logprobs = scores * length_penalty_divisor(lengths, beam[0], length_penalty_type)
       return {"tokens": tokens, "lengths": lengths, "logprobs": logprobs, "scores": scores}
     s = sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, sp, rng, strategy=strategy,
                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
@@ -178,9 +177,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   fn = decode_fn(cfg, strategy, max_new_tokens=max_new_tokens,
                  cache_len=prompt_BxP.shape[1] + max_new_tokens, stop_ids=stop, pad_id=pad_id,
                  active=active, num_beams=num_beams if strategy == "beam" else 1,
-                 length_penalty=float(length_penalty), length_penalty_type=length_penalty_type,
-                 early_stopping=early_stopping)
-  out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, jax.random.key(seed)))
+                 length_penalty_type=length_penalty_type)
+  beam = (np.float32(length_penalty), np.int32(early_stopping_code(early_stopping)))
+  out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, jax.random.key(seed), beam))
   keep = num_return_sequences if strategy == "beam" else rows
   sel = (np.arange(b)[:, None] * rows + np.arange(keep)[None]).reshape(-1)
   return GenerateOutput(tokens=np.asarray(out["tokens"])[sel],
