@@ -39,10 +39,8 @@ def test_kill_and_resume_is_bitwise_identical(tiny_config, tmp_path):
   assert resumed["start_step"] == 4 and resumed["final_step"] == 6
   for a, b in zip(params_of(straight), params_of(resumed)):
     np.testing.assert_array_equal(a, b)
-  # and the run really trained (differs from a different seed)
-  tiny_config.train.seed = 1
-  other = trainer.train_and_evaluate(tiny_config, str(tmp_path / "c"), progress=False)
-  assert any(np.any(a != b) for a, b in zip(params_of(straight), params_of(other)))
+  # and the last step really changed the parameters
+  assert any(np.any(a != b) for a, b in zip(params_of(killed), params_of(resumed)))
 
 
 @pytest.mark.parametrize("section, field, value, match", [
