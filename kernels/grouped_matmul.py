@@ -60,7 +60,7 @@ def tile_plan(group_sizes_G, num_rows: int, tile: int):
 @jax.custom_vjp
 def tile_matmul(x_PxTxK, w_GxKxN, group_P, tiles_used):
   """y[p] = x[p] @ w[group[p]] for p < tiles_used; 0 for the unused tiles."""
-  y_PxTxN = jnp.zeros(x_PxTxK.shape[:2] + w_GxKxN.shape[2:], x_PxTxK.dtype)
+  y_PxTxN = jax.lax.full_like(x_PxTxK, 0, shape=x_PxTxK.shape[:2] + w_GxKxN.shape[2:])
   return jax.lax.fori_loop(
       0, tiles_used, lambda p, y: y.at[p].set(x_PxTxK[p] @ w_GxKxN[group_P[p]]), y_PxTxN)
 
@@ -92,6 +92,10 @@ def tiled_gmm(x_MxK, w_GxKxN, group_sizes_G, tile: int | None = None):
   m = x_MxK.shape[0]
   t = tile or tile_rows(m, w_GxKxN.shape[0])
   num_tiles, dst_M, group_P, tiles_used = tile_plan(group_sizes_G, m, t)
+  # Inside shard_map the loop carries must vary over the same mesh axes as the
+  # products: give x and w each other's (adding a scalar 0; no-op elsewhere).
+  x_MxK, w_GxKxN = (x_MxK + jax.lax.full_like(w_GxKxN, 0, shape=()),
+                    w_GxKxN + jax.lax.full_like(x_MxK, 0, shape=()))
   x_PTxK = jnp.zeros((num_tiles * t, x_MxK.shape[1]), x_MxK.dtype).at[dst_M].set(
       x_MxK, mode="drop", unique_indices=True)
   y_PxTxN = tile_matmul(rearrange(x_PTxK, "(p t) k -> p t k", t=t), w_GxKxN, group_P,
