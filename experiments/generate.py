@@ -1,0 +1,138 @@
+"""Decode from a trained moelab run or a Hugging Face checkpoint directory.
+
+  python -m experiments.generate --workdir=RUN --prompt='def ' --strategy=greedy
+  python -m experiments.generate --workdir=RUN --prompt='def ' --strategy=sample \
+      --temperature=0.8 --top_k=40 --top_p=0.95 --num_samples=4 --seed=1
+  python -m experiments.generate --workdir=RUN --prompt='def ' --strategy=beam \
+      --num_beams=4 --length_penalty=0.6 --num_return_sequences=2
+  python -m experiments.generate --hf_model=DIR --prompt_ids=1,2,3 --output=out.jsonl
+
+`--workdir` restores the latest checkpoint (train/checkpoint.restore_params)
+and uses the byte tokenizer of train/tokenizer.py (prompt = BOS + UTF-8
+bytes, stop at EOS). `--hf_model` loads config.json + *.safetensors through
+model/hf_interop.py; the directory's own tokenizer is used when it has one,
+otherwise the byte tokenizer (ids 0-255 = bytes), with BOS/EOS/PAD ids from
+config.json. Prints every completion with its log-probability; `--output`
+writes one JSON object per completion (`prompt_index`, `sample`, `tokens`
+(generated ids), `text`, `logprob`, `score`).
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+from decode.generate import STRATEGIES, generate
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "moelab run directory.")
+_HF_MODEL = flags.DEFINE_string("hf_model", None, "HF checkpoint dir (config.json + safetensors).")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).")
+_PROMPT_IDS = flags.DEFINE_multi_string("prompt_ids", None,
+                                        "Prompt as comma-separated ids (repeat for a batch).")
+_STRATEGY = flags.DEFINE_enum("strategy", "greedy", list(STRATEGIES), "Decoding strategy.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most new tokens per completion.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p (1 = off).")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "Min-p (0 = off).")
+_REP = flags.DEFINE_float("repetition_penalty", 1.0, "Repetition penalty (1 = off).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt (sample).")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", 4, "Beams (beam).")
+_LP = flags.DEFINE_float("length_penalty", 1.0, "Beam length penalty alpha.")
+_LP_TYPE = flags.DEFINE_enum("length_penalty_type", "hf", ["hf", "gnmt"],
+                             "hf: len**alpha; gnmt: ((5+len)/6)**alpha.")
+_EARLY = flags.DEFINE_enum("early_stopping", "false", ["true", "false", "never"],
+                           "Beam early stopping (HF semantics).")
+_NUM_RETURN = flags.DEFINE_integer("num_return_sequences", 1, "Hypotheses per prompt (beam).")
+_STOP_IDS = flags.DEFINE_list("stop_ids", [], "Extra stop token ids.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write completions to this JSONL file.")
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as ids 0-255 plus special ids."""
+
+  def __init__(self, bos, eos, pad):
+    self.bos, self.eos, self.pad = bos, eos, pad
+
+  def encode(self, text: str) -> list[int]:
+    return ([self.bos] if self.bos is not None else []) + list(text.encode("utf-8"))
+
+  def decode(self, ids) -> str:
+    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+  """The checkpoint directory's own tokenizer (transformers AutoTokenizer)."""
+
+  def __init__(self, path, bos, eos, pad):
+    import transformers
+    self.tok = transformers.AutoTokenizer.from_pretrained(path)
+    self.bos, self.eos, self.pad = bos, eos, pad
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok(text)["input_ids"]
+
+  def decode(self, ids) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_workdir(workdir: str):
+  """(cfg, params, tokenizer) of a moelab run."""
+  from train import checkpoint, tokenizer
+  cfg, params = checkpoint.restore_params(workdir)
+  return cfg, params, ByteTokenizer(tokenizer.BOS, tokenizer.EOS, tokenizer.PAD)
+
+
+def load_hf_dir(path: str):
+  """(cfg, params, tokenizer) of an HF checkpoint directory."""
+  from model.hf_interop import load_hf
+  cfg, params = load_hf(path)
+  with open(os.path.join(path, "config.json")) as f:
+    hf = json.load(f)
+  first = lambda x: x[0] if isinstance(x, list) else x
+  bos, eos, pad = hf.get("bos_token_id"), first(hf.get("eos_token_id")), hf.get("pad_token_id")
+  pad = pad if pad is not None else (eos if eos is not None else 0)
+  has_tok = any(os.path.exists(os.path.join(path, f))
+                for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+  tok = HFTokenizer(path, bos, eos, pad) if has_tok else ByteTokenizer(bos, eos, pad)
+  return cfg, params, tok
+
+
+def main(argv):
+  del argv
+  if (_WORKDIR.value is None) == (_HF_MODEL.value is None):
+    raise app.UsageError("give exactly one of --workdir and --hf_model")
+  cfg, params, tok = (load_workdir(_WORKDIR.value) if _WORKDIR.value
+                      else load_hf_dir(_HF_MODEL.value))
+  prompts = [tok.encode(p) for p in (_PROMPT.value or [])]
+  prompts += [[int(i) for i in p.split(",") if i.strip()] for p in (_PROMPT_IDS.value or [])]
+  if not prompts:
+    raise app.UsageError("give --prompt or --prompt_ids")
+  out = generate(
+      cfg, params, prompts, strategy=_STRATEGY.value, max_new_tokens=_MAX_NEW.value,
+      eos_id=tok.eos, stop_ids=[int(s) for s in _STOP_IDS.value], pad_id=tok.pad,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+      min_p=_MIN_P.value, repetition_penalty=_REP.value, num_samples=_NUM_SAMPLES.value,
+      num_beams=_NUM_BEAMS.value, length_penalty=_LP.value,
+      length_penalty_type=_LP_TYPE.value,
+      early_stopping={"true": True, "false": False, "never": "never"}[_EARLY.value],
+      num_return_sequences=_NUM_RETURN.value, seed=_SEED.value)
+  records = []
+  per_prompt = {}
+  for r, seq in enumerate(out.sequences()):
+    p = int(out.prompt_index[r])
+    k = per_prompt[p] = per_prompt.get(p, -1) + 1
+    rec = {"prompt_index": p, "sample": k, "tokens": seq, "text": tok.decode(seq),
+           "logprob": float(out.logprobs[r]), "score": float(out.scores[r])}
+    records.append(rec)
+    print(f"[prompt {p} #{k}] logprob={rec['logprob']:.4f} score={rec['score']:.4f} "
+          f"tokens={len(seq)}\n{rec['text']!r}")
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      for rec in records:
+        f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
