@@ -1,0 +1,95 @@
+"""`generate` semantics on a random moelab model: lengths, stops, scores."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decode.generate import generate
+from model.config import ModelConfig
+from model.transformer import Decoder
+
+CFG = ModelConfig(vocab_size=53, d_model=32, num_layers=2, num_heads=4, num_kv_heads=1,
+                  ffn_dim=48, max_seq_len=64, num_experts=4, moe_top_k=2, moe_every=2,
+                  moe_dispatch="dropless")
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = jax.jit(Decoder(CFG).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  return jax.tree.map(lambda x: x * 3.0 if x.ndim > 1 else x, p)  # peakier distributions
+
+
+_forward = jax.jit(Decoder(CFG).apply)
+
+
+def _teacher_forced_logprob(params, prompt, gen):
+  seq = list(prompt) + list(gen)
+  padded = jnp.asarray([seq + [0] * (32 - len(seq))])  # causal: padding is never seen
+  logits, _ = _forward({"params": params}, padded)
+  logp = np.asarray(jax.nn.log_softmax(logits[0], -1))
+  p = len(prompt)
+  return float(sum(logp[p - 1 + i, t] for i, t in enumerate(gen)))
+
+
+def test_batched_rows_equal_solo_runs_and_logprobs(params, prompts):
+  out = generate(CFG, params, prompts, strategy="sample", max_new_tokens=10, seed=3,
+                 temperature=0.9, top_k=[0, 10, 20])
+  for r, prompt in enumerate(prompts):
+    seq = out.sequences()[r]
+    np.testing.assert_allclose(out.logprobs[r], _teacher_forced_logprob(params, prompt, seq),
+                               rtol=1e-4, atol=1e-4)
+  greedy = generate(CFG, params, prompts, max_new_tokens=10)
+  for r, prompt in enumerate(prompts):
+    alone = generate(CFG, params, [prompt], max_new_tokens=10)
+    assert alone.sequences()[0] == greedy.sequences()[r]
+
+
+def test_stop_tokens_end_rows_and_finished_rows_stop_changing(params, prompts):
+  free = generate(CFG, params, prompts, max_new_tokens=10, pad_id=0)
+  stop = free.tokens[0, 3]  # the 4th greedy token of row 0
+  extra = free.tokens[1, 5]
+  out = generate(CFG, params, prompts, max_new_tokens=10, eos_id=int(stop),
+                 stop_ids=[int(extra)], pad_id=0)
+  for r in range(len(prompts)):
+    ref = free.sequences()[r]
+    hits = [i for i, t in enumerate(ref) if t in (stop, extra)]
+    n = hits[0] + 1 if hits else 10
+    assert out.sequences()[r] == ref[:n]
+    assert (out.tokens[r, n:] == 0).all()
+  assert out.lengths[0] <= 4 and out.lengths[1] <= 6
+  # Finished rows stop changing: their log-probability stops accumulating.
+  for r in range(len(prompts)):
+    n = out.lengths[r]
+    np.testing.assert_allclose(out.logprobs[r], _teacher_forced_logprob(
+        params, prompts[r], out.sequences()[r]), atol=1e-4)
+    assert n == 10 or out.sequences()[r][-1] in (stop, extra)
+
+
+@pytest.mark.parametrize("kind", ["hf", "gnmt"])
+def test_beam_scores_are_length_penalised_logprobs(params, prompts, kind):
+  alpha = 0.7
+  out = generate(CFG, params, prompts[:2], strategy="beam", num_beams=3,
+                 num_return_sequences=3, max_new_tokens=10, eos_id=5, length_penalty=alpha,
+                 length_penalty_type=kind)
+  lp = {"hf": lambda n: n ** alpha, "gnmt": lambda n: ((5 + n) / 6) ** alpha}[kind]
+  for r, seq in enumerate(out.sequences()):
+    prompt = prompts[int(out.prompt_index[r])]
+    ref = _teacher_forced_logprob(params, prompt, seq)
+    assert out.scores[r] == pytest.approx(ref / lp(len(seq)), abs=1e-4)
+  for b in range(2):  # best first
+    assert list(out.scores[3 * b:3 * b + 3]) == sorted(out.scores[3 * b:3 * b + 3], reverse=True)
+
+
+def test_num_samples_and_argument_errors(params, prompts):
+  out = generate(CFG, params, prompts[:2], strategy="sample", num_samples=3, max_new_tokens=10)
+  assert out.tokens.shape == (6, 10) and list(out.prompt_index) == [0, 0, 0, 1, 1, 1]
+  assert len({tuple(s) for s in out.sequences()[:3]}) > 1  # independent draws
+  with pytest.raises(ValueError, match="strategy"):
+    generate(CFG, params, prompts, strategy="nucleus")
+  with pytest.raises(ValueError, match="max_seq_len"):
+    generate(CFG, params, prompts, max_new_tokens=60)
+  with pytest.raises(ValueError, match="temperature"):
+    generate(CFG, params, prompts, strategy="sample", temperature=0.0)
+  with pytest.raises(ValueError, match="early_stopping"):
+    generate(CFG, params, prompts, strategy="beam", early_stopping="sometimes")
