@@ -5,20 +5,26 @@
 
 `jax.lax.ragged_dot` computes exactly this and is a native grouped GEMM on
 GPU/TPU. XLA:CPU has none: jax lowers it to G masked dense matmuls, G times
-the work (64x at 64 experts). `gmm` therefore uses a tiled loop on CPU
-(the MegaBlocks layout, Gale et al. 2022, sec. 5): every group is padded to a
-multiple of T rows, so each T-row tile belongs to one group, and a
-`fori_loop` with a data-dependent trip count multiplies only the tiles that
-hold rows:
+the work (64x at 64 experts). `gmm` therefore splits every group on CPU:
 
-    tiles used  = sum_g ceil(n_g / T)  <=  ceil(M / T) + G   (the static buffer)
-    y[tile p]   = x[tile p] @ w[group(p)]
-    dx[tile p]  = dy[tile p] @ w[group(p)]^T,   dw[group(p)] += x[tile p]^T dy[tile p]
+* bucket: its first C rows go to a dense [G, C, K] buffer and run as one
+  batched matmul (C = expected rows per group, i.e. ceil(rows / G));
+* overflow: its remaining rows are padded to a multiple of T rows (the
+  MegaBlocks layout, Gale et al. 2022, sec. 5), so each T-row tile belongs to
+  one group, and a `fori_loop` with a data-dependent trip count multiplies
+  only the tiles that hold rows:
 
-The backward pass is the same loop (custom VJP; reverse mode only). Padding
-costs at most G (T - 1) extra rows; T is about half the mean group size.
+      tiles used  = sum_g ceil(max(n_g - C, 0) / T)  <=  ceil(M / T) + G   (static buffer)
+      y[tile p]   = x[tile p] @ w[group(p)]
+      dx[tile p]  = dy[tile p] @ w[group(p)]^T,   dw[group(p)] += x[tile p]^T dy[tile p]
 
-Shape names: M rows, K in features, N out features, G groups, P tiles, T tile rows.
+  (custom VJP: the backward pass is the same loop; reverse mode only).
+
+Nothing is dropped for any group sizes; balanced groups cost one batched
+matmul, and a skewed group costs its overflow tiles.
+
+Shape names: M rows, K in features, N out features, G groups, C bucket rows,
+P tiles, T tile rows.
 """
 
 import math
@@ -30,28 +36,20 @@ from einops import rearrange
 IMPLS = ("auto", "ragged", "tiled")
 
 
-def tile_rows(num_rows: int, num_groups: int, max_tile: int = 64) -> int:
-  """T: about half the mean group size, a multiple of 8, in [8, max_tile]."""
-  return min(max_tile, max(8, 8 * math.ceil(num_rows / num_groups / 16)))
+def round8(n: float) -> int:
+  return max(8, 8 * math.ceil(n / 8))
 
 
-def tile_plan(group_sizes_G, num_rows: int, tile: int):
-  """Where the rows go in the tile-padded layout.
-
-  Returns (num_tiles static, dst_M padded row of each row (num_tiles * tile
-  for rows in no group), group_P of each tile, tiles_used).
+def tile_plan(sizes_G, group_M, rank_M, valid_M, num_rows: int, tile: int):
+  """Tile-padded layout of rows (group g, rank r in the group), groups of
+  `sizes_G` rows in group order. Returns (num_tiles static, dst_M padded row of
+  each valid row (num_tiles * tile otherwise), group_P of each tile, tiles_used).
   """
-  num_groups = group_sizes_G.shape[0]
+  num_groups = sizes_G.shape[0]
   num_tiles = math.ceil(num_rows / tile) + num_groups
-  sizes_G = group_sizes_G.astype(jnp.int32)
   padded_G = (sizes_G + tile - 1) // tile * tile
-  end_G, padded_end_G = jnp.cumsum(sizes_G), jnp.cumsum(padded_G)
-  i_M = jnp.arange(num_rows, dtype=jnp.int32)
-  group_M = jnp.searchsorted(end_G, i_M, side="right")       # G: past every group
-  g_M = jnp.minimum(group_M, num_groups - 1)
-  dst_M = jnp.where(group_M < num_groups,
-                    i_M - (end_G - sizes_G)[g_M] + (padded_end_G - padded_G)[g_M],
-                    num_tiles * tile)
+  padded_end_G = jnp.cumsum(padded_G)
+  dst_M = jnp.where(valid_M, (padded_end_G - padded_G)[group_M] + rank_M, num_tiles * tile)
   group_P = jnp.minimum(jnp.searchsorted(padded_end_G, jnp.arange(num_tiles) * tile,
                                          side="right"), num_groups - 1)
   return num_tiles, dst_M, group_P.astype(jnp.int32), padded_end_G[-1] // tile
@@ -87,28 +85,59 @@ def _tile_matmul_bwd(res, dy_PxTxN):
 tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
 
 
-def tiled_gmm(x_MxK, w_GxKxN, group_sizes_G, tile: int | None = None):
-  """The tiled grouped matmul described in the module docstring."""
-  m = x_MxK.shape[0]
-  t = tile or tile_rows(m, w_GxKxN.shape[0])
-  num_tiles, dst_M, group_P, tiles_used = tile_plan(group_sizes_G, m, t)
+def tiled_gmm(x_MxK, w_GxKxN, group_sizes_G, expected_rows: int | None = None,
+              tile: int | None = None):
+  """The bucket + overflow-tile grouped matmul of the module docstring.
+
+  expected_rows: rows expected in groups (default M; pass less when most rows
+  of x are padding), sets C = ceil(expected_rows / G). tile: T (default ~C/4).
+  """
+  m, num_groups = x_MxK.shape[0], w_GxKxN.shape[0]
+  bucket = round8((expected_rows or m) / num_groups)
+  t = tile or min(64, round8(bucket / 4))
   # Inside shard_map the loop carries must vary over the same mesh axes as the
   # products: give x and w each other's (adding a scalar 0; no-op elsewhere).
   x_MxK, w_GxKxN = (x_MxK + jax.lax.full_like(w_GxKxN, 0, shape=()),
                     w_GxKxN + jax.lax.full_like(x_MxK, 0, shape=()))
+  sizes_G = group_sizes_G.astype(jnp.int32)
+  end_G = jnp.cumsum(sizes_G)
+  i_M = jnp.arange(m, dtype=jnp.int32)
+  group_M = jnp.searchsorted(end_G, i_M, side="right")         # G: past every group
+  in_group_M = group_M < num_groups
+  g_M = jnp.minimum(group_M, num_groups - 1)
+  rank_M = i_M - (end_G - sizes_G)[g_M]
+
+  # Bucket: rank < C, one batched matmul.
+  in_bucket_M = in_group_M & (rank_M < bucket)
+  bucket_M = jnp.where(in_bucket_M, g_M * bucket + rank_M, num_groups * bucket)
+  x_GCxK = jnp.zeros((num_groups * bucket, x_MxK.shape[1]), x_MxK.dtype).at[bucket_M].set(
+      x_MxK, mode="drop", unique_indices=True)
+  y_GxCxN = jnp.einsum("gck,gkn->gcn", rearrange(x_GCxK, "(g c) k -> g c k", g=num_groups),
+                       w_GxKxN)
+  y_bucket_MxN = rearrange(y_GxCxN, "g c n -> (g c) n").at[bucket_M].get(
+      mode="fill", fill_value=0)
+
+  # Overflow: rank >= C, tiles of T rows, only the used ones computed.
+  num_tiles, dst_M, group_P, tiles_used = tile_plan(
+      jnp.maximum(sizes_G - bucket, 0), g_M, rank_M - bucket, in_group_M & ~in_bucket_M, m, t)
   x_PTxK = jnp.zeros((num_tiles * t, x_MxK.shape[1]), x_MxK.dtype).at[dst_M].set(
       x_MxK, mode="drop", unique_indices=True)
   y_PxTxN = tile_matmul(rearrange(x_PTxK, "(p t) k -> p t k", t=t), w_GxKxN, group_P,
                         tiles_used)
-  return rearrange(y_PxTxN, "p t n -> (p t) n").at[dst_M].get(mode="fill", fill_value=0)
+  y_over_MxN = rearrange(y_PxTxN, "p t n -> (p t) n").at[dst_M].get(mode="fill", fill_value=0)
+  return y_bucket_MxN + y_over_MxN
 
 
-def gmm(x_MxK, w_GxKxN, group_sizes_G, impl: str = "auto"):
-  """Grouped matmul [M, K] x [G, K, N] -> [M, N]; 'auto' = ragged_dot except on CPU."""
+def gmm(x_MxK, w_GxKxN, group_sizes_G, impl: str = "auto",
+        expected_rows: int | None = None):
+  """Grouped matmul [M, K] x [G, K, N] -> [M, N]; 'auto' = ragged_dot except on CPU.
+
+  expected_rows: see `tiled_gmm` (ignored by ragged_dot).
+  """
   if impl not in IMPLS:
     raise ValueError(f"gmm: impl must be one of {IMPLS} (got {impl!r})")
   if impl == "auto":
     impl = "tiled" if jax.default_backend() == "cpu" else "ragged"
   if impl == "ragged":
     return jax.lax.ragged_dot(x_MxK, w_GxKxN, group_sizes_G)
-  return tiled_gmm(x_MxK, w_GxKxN, group_sizes_G, None)
+  return tiled_gmm(x_MxK, w_GxKxN, group_sizes_G, expected_rows)

@@ -155,14 +155,15 @@ def sort_by_expert(expert_NxK, num_experts: int):
   return order_M, jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
 
 
-def grouped_ffn(x_MxD, w_in, w_out, group_sizes_E):
+def grouped_ffn(x_MxD, w_in, w_out, group_sizes_E, expected_rows: int | None = None):
   """Expert e on its group of consecutive rows (grouped matmul: ragged_dot, or
-  its tiled CPU form, kernels/grouped_matmul.py).
+  its CPU form, kernels/grouped_matmul.py; `expected_rows` sizes the latter's
+  dense buckets when most rows are padding).
 
   Rows past sum(group_sizes) belong to no group and come out as 0.
   """
-  h_Mx2F = gmm(x_MxD, w_in, group_sizes_E)
-  return gmm(swiglu(h_Mx2F), w_out, group_sizes_E)
+  h_Mx2F = gmm(x_MxD, w_in, group_sizes_E, expected_rows=expected_rows)
+  return gmm(swiglu(h_Mx2F), w_out, group_sizes_E, expected_rows=expected_rows)
 
 
 def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):

@@ -175,7 +175,8 @@ def _dropless_body(x_NxD, routing: Routing, w_in, w_out, *, token_axes, exchange
   i_C = jnp.arange(chunk)
   local_XxC = (i_C[None, :, None] >= ends_XxEl[:, None, :]).sum(-1)
   order_R, _ = sort_by_expert(local_XxC.reshape(-1, 1), local_experts + 1)
-  y_grouped_RxD = grouped_ffn(x_recv_RxD[order_R], w_in, w_out, recv_XxEl.sum(0))
+  y_grouped_RxD = grouped_ffn(x_recv_RxD[order_R], w_in, w_out, recv_XxEl.sum(0),
+                              expected_rows=n * k)  # the mean; the rest is padding
   y_recv_RxD = jnp.zeros_like(y_grouped_RxD).at[order_R].set(y_grouped_RxD,
                                                                unique_indices=True)
 
