@@ -48,6 +48,39 @@ def attend(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
   return rearrange(out, "b l k g e -> b l (k g) e")
 
 
+def attend_flat_kv(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
+  """`attend` for keys/values stored [B, S, K, E] (the decode cache), same result.
+
+  The grouped products of `attend` put the kv-head axis K beside B as a batch
+  dimension, so XLA transposes the whole [B, S, K, E] cache of every layer
+  on every decode step. Here the queries are expanded block-diagonally over
+  the K kv heads,
+
+      q'[b, (l k g), (j e)] = q[b, l, (k g), e] * [j == k]
+      s[b, (l h), s'] = q' . k[b, s', (j e)]              (K x the score FLOPs)
+      o'[b, (l h), (j e)] = p . v[b, s', (j e)];  o = diagonal blocks j == k
+
+  so both products contract the cache in its stored layout (a free reshape
+  of [B, S, K, E] to [B, S, K*E]): no copy of the cache per step.
+  """
+  b, l, h, e = q_BxLxHxE.shape
+  num_kv = k_BxSxKxE.shape[2]
+  eye_KxK = jnp.eye(num_kv, dtype=q_BxLxHxE.dtype)
+  q = rearrange(q_BxLxHxE, "b l (k g) e -> b l k g e", k=num_kv)
+  q_BxQxC = rearrange(jnp.einsum("blkge,kj->blkgje", q, eye_KxK),
+                      "b l k g j e -> b (l k g) (j e)")
+  k_BxSxC = rearrange(k_BxSxKxE, "b s k e -> b s (k e)")
+  v_BxSxC = rearrange(v_BxSxKxE, "b s k e -> b s (k e)")
+  s_BxQxS = jnp.einsum("bqc,bsc->bqs", q_BxQxC, k_BxSxC).astype(jnp.float32) * e ** -0.5
+  s_BxLxHxS = rearrange(s_BxQxS, "b (l h) s -> b l h s", l=l)
+  s_BxLxHxS = jnp.where(mask_BxLxS[:, :, None, :], s_BxLxHxS, -1e30)
+  p = rearrange(jax.nn.softmax(s_BxLxHxS, axis=-1).astype(v_BxSxKxE.dtype),
+                "b l h s -> b (l h) s")
+  o_BxQxC = jnp.einsum("bqs,bsc->bqc", p, v_BxSxC)
+  o = rearrange(o_BxQxC, "b (l k g) (j e) -> b l k g j e", l=l, k=num_kv, j=num_kv)
+  return rearrange(jnp.einsum("blkgje,kj->blkge", o, eye_KxK), "b l k g e -> b l (k g) e")
+
+
 def causal_mask(q_pos_BxL, k_pos_BxS):
   """mask[b, l, s] = k_pos[b, s] <= q_pos[b, l]."""
   return k_pos_BxS[:, None, :] <= q_pos_BxL[:, :, None]

@@ -37,7 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from model.attention import attend
+from model.attention import attend_flat_kv
 from model.config import ModelConfig
 
 
@@ -72,11 +72,15 @@ class LayerKV:
                    update_rows(self.v_BxTxKxE, v_BxLxKxE, start_B))
 
   def attend(self, q_BxLxHxE, positions_BxL):
-    """Causal attention of the queries over the cached slots s <= position."""
+    """Causal attention of the queries over the cached slots s <= position.
+
+    `attend_flat_kv` reads the [B, T, K, E] buffers in place (no per-step
+    transpose of the cache).
+    """
     slot_BxT = jnp.broadcast_to(jnp.arange(self.max_len, dtype=jnp.int32),
                                 (q_BxLxHxE.shape[0], self.max_len))
     mask_BxLxT = slot_BxT[:, None, :] <= positions_BxL[:, :, None]
-    return attend(q_BxLxHxE, self.k_BxTxKxE, self.v_BxTxKxE, mask_BxLxT)
+    return attend_flat_kv(q_BxLxHxE, self.k_BxTxKxE, self.v_BxTxKxE, mask_BxLxT)
 
 
 @flax.struct.dataclass

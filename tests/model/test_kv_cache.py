@@ -87,3 +87,12 @@ def test_reorder_and_repeat_move_rows():
   np.testing.assert_array_equal(rep.layers[0].k_BxTxKxE[:, 0, 0, 0], [0, 0, 1, 1])
   ro = rep.reorder(jnp.array([3, 0, 0, 2]))
   np.testing.assert_array_equal(ro.layers[0].k_BxTxKxE[:, 0, 0, 0], [1, 0, 0, 1])
+
+
+def test_flat_kv_attention_equals_grouped_attention():
+  from model.attention import attend, attend_flat_kv
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (2, 3, 8, 16))
+  k, v = jax.random.normal(ks[1], (2, 10, 2, 16)), jax.random.normal(ks[2], (2, 10, 2, 16))
+  mask = jax.random.bernoulli(ks[3], 0.6, (2, 3, 10)).at[:, :, 0].set(True)
+  np.testing.assert_allclose(attend_flat_kv(q, k, v, mask), attend(q, k, v, mask), atol=1e-5)
