@@ -77,7 +77,7 @@ def make_step_fn(cfg: ModelConfig, params):
 @functools.lru_cache(maxsize=64)
 def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len: int,
               stop_ids: tuple = (), pad_id: int = 0, active: tuple = (), num_beams: int = 1,
-              length_penalty_type: str = "hf"):
+              length_penalty_type: str = "hf", min_tokens_to_keep: int = 1):
   """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng, beam) -> dict.
 
   `beam` = (length_penalty float32 [], early_stopping_code int32 []): run-time
@@ -105,7 +105,7 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
       return {"tokens": tokens, "lengths": lengths, "logprobs": logprobs, "scores": scores}
     s = sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, sp, rng, strategy=strategy,
                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                    active=active)
+                    active=active, min_tokens_to_keep=min_tokens_to_keep)
     return {"tokens": s.tokens_BxN, "lengths": s.num_generated_B, "logprobs": s.logprob_B,
             "scores": s.logprob_B}
 
@@ -177,7 +177,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   fn = decode_fn(cfg, strategy, max_new_tokens=max_new_tokens,
                  cache_len=prompt_BxP.shape[1] + max_new_tokens, stop_ids=stop, pad_id=pad_id,
                  active=active, num_beams=num_beams if strategy == "beam" else 1,
-                 length_penalty_type=length_penalty_type)
+                 length_penalty_type=length_penalty_type,
+                 min_tokens_to_keep=min_tokens_to_keep)
   beam = (np.float32(length_penalty), np.int32(early_stopping_code(early_stopping)))
   out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, jax.random.key(seed), beam))
   keep = num_return_sequences if strategy == "beam" else rows

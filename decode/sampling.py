@@ -48,9 +48,9 @@ class SampleState:
 
 
 def choose_tokens(logits_BxV, params: proc.SamplingParams, presence_BxV, rng, *,
-                  strategy: str, active: Sequence[str]):
+                  strategy: str, active: Sequence[str], min_tokens_to_keep: int = 1):
   """Processes the logits and picks one token per row. Returns int32 [B]."""
-  s_BxV = proc.process(logits_BxV, params, presence_BxV, active)
+  s_BxV = proc.process(logits_BxV, params, presence_BxV, active, min_tokens_to_keep)
   if strategy == "greedy":
     return jnp.argmax(s_BxV, axis=-1).astype(jnp.int32)
   if strategy == "sample":
@@ -60,7 +60,7 @@ def choose_tokens(logits_BxV, params: proc.SamplingParams, presence_BxV, rng, *,
 
 def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingParams,
                 rng, *, strategy: str, max_new_tokens: int, stop_ids: Sequence[int],
-                pad_id: int, active: Sequence[str] = ()):
+                pad_id: int, active: Sequence[str] = (), min_tokens_to_keep: int = 1):
   """Prefill + decode loop. Returns the final SampleState.
 
   Args:
@@ -70,6 +70,7 @@ def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingP
     params: per-row processor parameters (SamplingParams with [B] arrays).
     active: processors to apply (static; `SamplingParams.active()`); greedy
       uses only 'repetition_penalty' (HF applies no warpers when greedy).
+    min_tokens_to_keep: HF's floor for top-k / top-p / min-p.
   """
   b, p = prompt_BxP.shape
   logits_BxV, cache = prefill(step_fn, prompt_BxP, prompt_len_B, cache)
@@ -93,7 +94,8 @@ def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingP
 
   def body(s: SampleState):
     x_B = choose_tokens(s.logits_BxV, params, s.presence_BxV,
-                        jax.random.fold_in(s.rng, s.step), strategy=strategy, active=active)
+                        jax.random.fold_in(s.rng, s.step), strategy=strategy, active=active,
+                        min_tokens_to_keep=min_tokens_to_keep)
     x_B = jnp.where(s.done_B, pad_id, x_B)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(s.logits_BxV, axis=-1), x_B[:, None],
                                  axis=-1)[:, 0]
