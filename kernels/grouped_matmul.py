@@ -8,7 +8,8 @@ GPU/TPU. XLA:CPU has none: jax lowers it to G masked dense matmuls, G times
 the work (64x at 64 experts). `gmm` therefore splits every group on CPU:
 
 * bucket: its first C rows go to a dense [G, C, K] buffer and run as one
-  batched matmul (C = expected rows per group, i.e. ceil(rows / G));
+  batched matmul (C = BUCKET_FACTOR x the expected rows per group, like a
+  capacity factor of 1.5);
 * overflow: its remaining rows are padded to a multiple of T rows (the
   MegaBlocks layout, Gale et al. 2022, sec. 5), so each T-row tile belongs to
   one group, and a `fori_loop` with a data-dependent trip count multiplies
@@ -21,7 +22,8 @@ the work (64x at 64 experts). `gmm` therefore splits every group on CPU:
   (custom VJP: the backward pass is the same loop; reverse mode only).
 
 Nothing is dropped for any group sizes; balanced groups cost one batched
-matmul, and a skewed group costs its overflow tiles.
+matmul, and a skewed group costs its overflow tiles. `grouped_mlp` runs
+act(x w_in[g]) w_out[g] in that layout, laying the rows out only once.
 
 Shape names: M rows, K in features, N out features, G groups, C bucket rows,
 P tiles, T tile rows.
@@ -29,11 +31,13 @@ P tiles, T tile rows.
 
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 
 IMPLS = ("auto", "ragged", "tiled")
+BUCKET_FACTOR = 1.5  # bucket rows per group / expected rows per group
 
 
 def round8(n: float) -> int:
@@ -85,47 +89,105 @@ def _tile_matmul_bwd(res, dy_PxTxN):
 tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
 
 
-def tiled_gmm(x_MxK, w_GxKxN, group_sizes_G, expected_rows: int | None = None,
-              tile: int | None = None):
-  """The bucket + overflow-tile grouped matmul of the module docstring.
+@flax.struct.dataclass
+class Layout:
+  """Where each of M rows goes: bucket row (g, c) or overflow tile row (p, t)."""
 
-  expected_rows: rows expected in groups (default M; pass less when most rows
-  of x are padding), sets C = ceil(expected_rows / G). tile: T (default ~C/4).
-  """
-  m, num_groups = x_MxK.shape[0], w_GxKxN.shape[0]
-  bucket = round8((expected_rows or m) / num_groups)
+  bucket_M: jax.Array      # g * C + c for bucket rows, G * C otherwise
+  dst_M: jax.Array         # p * T + t for overflow rows, P * T otherwise
+  group_P: jax.Array       # group of each overflow tile
+  tiles_used: jax.Array    # overflow tiles holding rows (the loop's trip count)
+  num_groups: int = flax.struct.field(pytree_node=False)
+  bucket: int = flax.struct.field(pytree_node=False)    # C
+  tile: int = flax.struct.field(pytree_node=False)      # T
+  num_tiles: int = flax.struct.field(pytree_node=False)  # P
+
+
+def layout(group_sizes_G, num_rows: int, expected_rows: int | None = None,
+           tile: int | None = None) -> Layout:
+  """C = ceil(BUCKET_FACTOR * expected_rows / G) (default expected_rows = M),
+  T = tile (default ~C/4, at most 64)."""
+  num_groups = group_sizes_G.shape[0]
+  bucket = round8(BUCKET_FACTOR * (expected_rows or num_rows) / num_groups)
   t = tile or min(64, round8(bucket / 4))
-  # Inside shard_map the loop carries must vary over the same mesh axes as the
-  # products: give x and w each other's (adding a scalar 0; no-op elsewhere).
-  x_MxK, w_GxKxN = (x_MxK + jax.lax.full_like(w_GxKxN, 0, shape=()),
-                    w_GxKxN + jax.lax.full_like(x_MxK, 0, shape=()))
   sizes_G = group_sizes_G.astype(jnp.int32)
   end_G = jnp.cumsum(sizes_G)
-  i_M = jnp.arange(m, dtype=jnp.int32)
+  i_M = jnp.arange(num_rows, dtype=jnp.int32)
   group_M = jnp.searchsorted(end_G, i_M, side="right")         # G: past every group
   in_group_M = group_M < num_groups
   g_M = jnp.minimum(group_M, num_groups - 1)
   rank_M = i_M - (end_G - sizes_G)[g_M]
-
-  # Bucket: rank < C, one batched matmul.
   in_bucket_M = in_group_M & (rank_M < bucket)
-  bucket_M = jnp.where(in_bucket_M, g_M * bucket + rank_M, num_groups * bucket)
-  x_GCxK = jnp.zeros((num_groups * bucket, x_MxK.shape[1]), x_MxK.dtype).at[bucket_M].set(
-      x_MxK, mode="drop", unique_indices=True)
-  y_GxCxN = jnp.einsum("gck,gkn->gcn", rearrange(x_GCxK, "(g c) k -> g c k", g=num_groups),
-                       w_GxKxN)
-  y_bucket_MxN = rearrange(y_GxCxN, "g c n -> (g c) n").at[bucket_M].get(
-      mode="fill", fill_value=0)
-
-  # Overflow: rank >= C, tiles of T rows, only the used ones computed.
   num_tiles, dst_M, group_P, tiles_used = tile_plan(
-      jnp.maximum(sizes_G - bucket, 0), g_M, rank_M - bucket, in_group_M & ~in_bucket_M, m, t)
-  x_PTxK = jnp.zeros((num_tiles * t, x_MxK.shape[1]), x_MxK.dtype).at[dst_M].set(
+      jnp.maximum(sizes_G - bucket, 0), g_M, rank_M - bucket, in_group_M & ~in_bucket_M,
+      num_rows, t)
+  return Layout(bucket_M=jnp.where(in_bucket_M, g_M * bucket + rank_M, num_groups * bucket),
+                dst_M=dst_M, group_P=group_P, tiles_used=tiles_used, num_groups=num_groups,
+                bucket=bucket, tile=t, num_tiles=num_tiles)
+
+
+def to_layout(x_MxK, lay: Layout):
+  """Rows -> (x_GxCxK buckets, x_PxTxK overflow tiles); empty slots are 0."""
+  k = x_MxK.shape[1]
+  x_GCxK = jnp.zeros((lay.num_groups * lay.bucket, k), x_MxK.dtype).at[lay.bucket_M].set(
       x_MxK, mode="drop", unique_indices=True)
-  y_PxTxN = tile_matmul(rearrange(x_PTxK, "(p t) k -> p t k", t=t), w_GxKxN, group_P,
-                        tiles_used)
-  y_over_MxN = rearrange(y_PxTxN, "p t n -> (p t) n").at[dst_M].get(mode="fill", fill_value=0)
-  return y_bucket_MxN + y_over_MxN
+  x_PTxK = jnp.zeros((lay.num_tiles * lay.tile, k), x_MxK.dtype).at[lay.dst_M].set(
+      x_MxK, mode="drop", unique_indices=True)
+  return (rearrange(x_GCxK, "(g c) k -> g c k", g=lay.num_groups),
+          rearrange(x_PTxK, "(p t) k -> p t k", t=lay.tile))
+
+
+def from_layout(y_GxCxN, y_PxTxN, lay: Layout):
+  """Inverse of `to_layout`: rows in no group come out as 0."""
+  y_bucket = rearrange(y_GxCxN, "g c n -> (g c) n").at[lay.bucket_M].get(
+      mode="fill", fill_value=0)
+  y_over = rearrange(y_PxTxN, "p t n -> (p t) n").at[lay.dst_M].get(mode="fill", fill_value=0)
+  return y_bucket + y_over
+
+
+def _same_varying_axes(x, *ws):
+  """Inside shard_map, loop carries must vary over the same mesh axes as the
+  products: give x and the weights each other's (adding a scalar 0; a no-op
+  outside shard_map)."""
+  zero_x = jax.lax.full_like(x, 0, shape=())
+  for w in ws:
+    x = x + jax.lax.full_like(w, 0, shape=())
+  return x, [w + zero_x for w in ws]
+
+
+def tiled_gmm(x_MxK, w_GxKxN, group_sizes_G, expected_rows: int | None = None,
+              tile: int | None = None):
+  """The bucket + overflow-tile grouped matmul of the module docstring."""
+  x_MxK, (w_GxKxN,) = _same_varying_axes(x_MxK, w_GxKxN)
+  lay = layout(group_sizes_G, x_MxK.shape[0], expected_rows, tile)
+  x_GxCxK, x_PxTxK = to_layout(x_MxK, lay)
+  return from_layout(jnp.einsum("gck,gkn->gcn", x_GxCxK, w_GxKxN),
+                     tile_matmul(x_PxTxK, w_GxKxN, lay.group_P, lay.tiles_used), lay)
+
+
+def grouped_mlp(x_MxK, w_in_GxKxH, w_out_GxHxN, group_sizes_G, act,
+                expected_rows: int | None = None, impl: str = "auto"):
+  """act(x @ w_in[g]) @ w_out[g] per group: two grouped matmuls. On CPU
+  ('tiled') the rows are laid out once for both (and laid back once)."""
+  if _resolve(impl) == "ragged":
+    h = jax.lax.ragged_dot(x_MxK, w_in_GxKxH, group_sizes_G)
+    return jax.lax.ragged_dot(act(h), w_out_GxHxN, group_sizes_G)
+  x_MxK, (w_in_GxKxH, w_out_GxHxN) = _same_varying_axes(x_MxK, w_in_GxKxH, w_out_GxHxN)
+  lay = layout(group_sizes_G, x_MxK.shape[0], expected_rows)
+  x_GxCxK, x_PxTxK = to_layout(x_MxK, lay)
+  y_GxCxN = jnp.einsum("gch,ghn->gcn", act(jnp.einsum("gck,gkh->gch", x_GxCxK, w_in_GxKxH)),
+                       w_out_GxHxN)
+  h_PxTxH = act(tile_matmul(x_PxTxK, w_in_GxKxH, lay.group_P, lay.tiles_used))
+  y_PxTxN = tile_matmul(h_PxTxH, w_out_GxHxN, lay.group_P, lay.tiles_used)
+  return from_layout(y_GxCxN, y_PxTxN, lay)
+
+
+def _resolve(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"gmm: impl must be one of {IMPLS} (got {impl!r})")
+  if impl == "auto":
+    return "tiled" if jax.default_backend() == "cpu" else "ragged"
+  return impl
 
 
 def gmm(x_MxK, w_GxKxN, group_sizes_G, impl: str = "auto",
@@ -134,10 +196,6 @@ def gmm(x_MxK, w_GxKxN, group_sizes_G, impl: str = "auto",
 
   expected_rows: see `tiled_gmm` (ignored by ragged_dot).
   """
-  if impl not in IMPLS:
-    raise ValueError(f"gmm: impl must be one of {IMPLS} (got {impl!r})")
-  if impl == "auto":
-    impl = "tiled" if jax.default_backend() == "cpu" else "ragged"
-  if impl == "ragged":
+  if _resolve(impl) == "ragged":
     return jax.lax.ragged_dot(x_MxK, w_GxKxN, group_sizes_G)
   return tiled_gmm(x_MxK, w_GxKxN, group_sizes_G, expected_rows)

@@ -12,7 +12,7 @@ Three interchangeable implementations of that sum:
   past capacity are dropped: they contribute 0 here and the token passes
   through the residual connection of the block unchanged (Switch sec. 2.2).
 * `dropless_moe`: sort the N*k assignments by expert, run the experts as one
-  grouped matmul (`kernels.grouped_matmul.gmm`), unsort and combine. Nothing is dropped
+  grouped matmul (`kernels.grouped_matmul`), unsort and combine. Nothing is dropped
   (MegaBlocks, Gale et al. 2022).
 * `dense_moe`: every expert on every token, weighted by softmax over all E
   (moe_mode='dense').
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from kernels.grouped_matmul import gmm
+from kernels.grouped_matmul import grouped_mlp
 from model.ffn import swiglu
 
 
@@ -162,8 +162,7 @@ def grouped_ffn(x_MxD, w_in, w_out, group_sizes_E, expected_rows: int | None = N
 
   Rows past sum(group_sizes) belong to no group and come out as 0.
   """
-  h_Mx2F = gmm(x_MxD, w_in, group_sizes_E, expected_rows=expected_rows)
-  return gmm(swiglu(h_Mx2F), w_out, group_sizes_E, expected_rows=expected_rows)
+  return grouped_mlp(x_MxD, w_in, w_out, group_sizes_E, swiglu, expected_rows)
 
 
 def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.grouped_matmul import gmm, tiled_gmm
+from kernels.grouped_matmul import gmm, grouped_mlp, tiled_gmm
+from model.ffn import swiglu
 
 
 @pytest.mark.parametrize("sizes", [[5, 0, 17, 1, 9], [0, 0, 32, 0, 0], [3, 3, 3, 3, 3]])
@@ -43,3 +44,19 @@ def test_impl_choice_and_tile():
   with pytest.raises(ValueError, match="impl must be one of"):
     gmm(x, w, gs, "cuda")
   np.testing.assert_array_equal(gmm(x, w, gs, "tiled", expected_rows=1), gmm(x, w, gs, "ragged"))
+
+
+@pytest.mark.parametrize("sizes", [[5, 0, 17, 1, 9], [0, 0, 32, 0, 0]])
+def test_grouped_mlp_equals_two_ragged_dots(sizes):
+  kx, ki, ko = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (40, 6))
+  w_in = jax.random.normal(ki, (len(sizes), 6, 2 * 7))
+  w_out = jax.random.normal(ko, (len(sizes), 7, 5))
+  gs = jnp.array(sizes, jnp.int32)
+  probe = jax.random.normal(jax.random.key(2), (40, 5))
+  loss = lambda impl: lambda x, a, b: jnp.sum(grouped_mlp(x, a, b, gs, swiglu, impl=impl) * probe)
+  with jax.default_matmul_precision("float32"):
+    tiled = jax.value_and_grad(loss("tiled"), (0, 1, 2))(x, w_in, w_out)
+    ragged = jax.value_and_grad(loss("ragged"), (0, 1, 2))(x, w_in, w_out)
+  for a, b in zip(jax.tree.leaves(tiled), jax.tree.leaves(ragged)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5)
