@@ -16,7 +16,7 @@ MOE = DENSE.replace(num_experts=4, moe_top_k=2, moe_dispatch="dropless", moe_eve
 
 def _init(cfg, seed=0):
   model = Decoder(cfg)
-  params = model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
   return model, params
 
 
@@ -58,7 +58,7 @@ def test_rows_of_different_lengths_decode_as_if_alone():
   apply = jax.jit(lambda t, p, c: model.apply({"params": params}, t, p, c, method=Decoder.decode))
 
   def run(rows_tokens, row_lens):
-    bsz, width = len(rows_tokens), max(row_lens)
+    bsz, width = len(rows_tokens), max(lens)  # solo rows padded alike: one compile
     prompt = np.full((bsz, width), 7, np.int32)  # padding garbage past each length
     for r, (t, n) in enumerate(zip(rows_tokens, row_lens)):
       prompt[r, :n] = t[:n]
@@ -95,4 +95,5 @@ def test_flat_kv_attention_equals_grouped_attention():
   q = jax.random.normal(ks[0], (2, 3, 8, 16))
   k, v = jax.random.normal(ks[1], (2, 10, 2, 16)), jax.random.normal(ks[2], (2, 10, 2, 16))
   mask = jax.random.bernoulli(ks[3], 0.6, (2, 3, 10)).at[:, :, 0].set(True)
-  np.testing.assert_allclose(attend_flat_kv(q, k, v, mask), attend(q, k, v, mask), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(attend_flat_kv)(q, k, v, mask),
+                             jax.jit(attend)(q, k, v, mask), atol=1e-5)
