@@ -147,12 +147,14 @@ def from_layout(y_GxCxN, y_PxTxN, lay: Layout):
 
 def _same_varying_axes(x, *ws):
   """Inside shard_map, loop carries must vary over the same mesh axes as the
-  products: give x and the weights each other's (adding a scalar 0; a no-op
-  outside shard_map)."""
-  zero_x = jax.lax.full_like(x, 0, shape=())
-  for w in ws:
-    x = x + jax.lax.full_like(w, 0, shape=())
-  return x, [w + zero_x for w in ws]
+  products: give x and the weights each other's by adding a scalar 0. Skipped
+  when they already agree (always outside shard_map): the add copies w."""
+  zeros = [jax.lax.full_like(a, 0, shape=()) for a in (x, *ws)]
+  if all(jax.typeof(z) == jax.typeof(zeros[0]) for z in zeros[1:]):
+    return x, list(ws)
+  for z in zeros[1:]:
+    x = x + z
+  return x, [w + zeros[0] for w in ws]
 
 
 def tiled_gmm(x_MxK, w_GxKxN, group_sizes_G, expected_rows: int | None = None,

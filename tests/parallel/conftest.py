@@ -15,6 +15,8 @@ import sys
 NUM_DEVICES = 8
 XLA_FLAG = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
 RUNNER = "test_on_8_devices.py"
+# Modules that start their own processes and need no devices in this one.
+OWN_PROCESSES = ("test_multihost.py",)
 
 if "jax" not in sys.modules:
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}".strip()
@@ -32,7 +34,8 @@ def pytest_collection_modifyitems(config, items):
   if enough_devices():
     return
   moved = [it for it in items
-           if str(it.path).startswith(HERE + os.sep) and it.path.name != RUNNER]
+           if str(it.path).startswith(HERE + os.sep)
+           and it.path.name not in (RUNNER, *OWN_PROCESSES)]
   if moved:
     config.hook.pytest_deselected(items=moved)
     items[:] = [it for it in items if it not in moved]

@@ -19,6 +19,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~30-50 s on 2 cores: two jax processes compile the train step
 def test_two_processes_train_one_expert_parallel_run(tmp_path):
   corpus = tmp_path / "corpus"
   corpus.mkdir()
