@@ -165,9 +165,24 @@ def grouped_ffn(x_MxD, w_in, w_out, group_sizes_E, expected_rows: int | None = N
   return grouped_mlp(x_MxD, w_in, w_out, group_sizes_E, swiglu, expected_rows)
 
 
+# At most this many tokens (e.g. a decode step), dropless_moe runs every expert
+# on every token with the unchosen gates at 0: E/K times the FLOPs, but a few
+# large matmuls instead of a sort, a grouped matmul and a scatter, which is
+# what costs at such sizes (per-op overhead, weight-tile gathers on CPU).
+SMALL_N = 64
+
+
 def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
-  """Sort by expert + grouped matmul (ragged_dot); no token is dropped."""
-  k = expert_NxK.shape[1]
+  """Sort by expert + grouped matmul (ragged_dot); no token is dropped.
+
+  For N <= SMALL_N tokens the same sum is computed densely (see SMALL_N); the
+  unchosen experts enter with gate exactly 0, so the result is the same.
+  """
+  n, k = expert_NxK.shape
+  if n <= SMALL_N:
+    gate_NxE = jnp.zeros((n, w_in.shape[0]), gate_NxK.dtype).at[
+        jnp.arange(n)[:, None], expert_NxK].add(gate_NxK)
+    return dense_moe(x_NxD, gate_NxE, w_in, w_out)
   order_M, group_sizes_E = sort_by_expert(expert_NxK, w_in.shape[0])
   y_sorted_MxD = grouped_ffn(x_NxD[order_M // k], w_in, w_out, group_sizes_E)
   y_MxD = jnp.zeros_like(y_sorted_MxD).at[order_M].set(y_sorted_MxD, unique_indices=True)

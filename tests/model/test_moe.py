@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model import dispatch
 from model import moe as moe_lib
 from model.config import ModelConfig
 from model.ffn import swiglu
@@ -138,3 +139,17 @@ def test_gradients_of_dispatch_paths_agree():
     np.testing.assert_allclose(a, b, atol=1e-4)
   for a, b in zip(g_big, g_drop):
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [dispatch.SMALL_N, dispatch.SMALL_N + 40])
+def test_dropless_small_and_grouped_paths_equal_capacity(n):
+  """Both dropless paths (dense for few tokens, sorted grouped matmul beyond)."""
+  k = jax.random.split(jax.random.key(7), 4)
+  x = jax.random.normal(k[0], (n, D))
+  w_in = jax.random.normal(k[1], (E, D, 2 * F)) * 0.3
+  w_out = jax.random.normal(k[2], (E, F, D)) * 0.3
+  top_logits, expert = jax.lax.top_k(jax.random.normal(k[3], (n, E)), 2)
+  gate = jax.nn.softmax(top_logits, -1)
+  y_cap, _ = moe_lib.capacity_moe(x, expert, gate, w_in, w_out, capacity=2 * n)
+  np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out), y_cap,
+                             atol=1e-5)
