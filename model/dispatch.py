@@ -175,10 +175,18 @@ SMALL_N = 64
 def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
   """Sort by expert + grouped matmul (ragged_dot); no token is dropped.
 
-  For N <= SMALL_N tokens the same sum is computed densely (see SMALL_N); the
-  unchosen experts enter with gate exactly 0, so the result is the same.
+  Small N (decode steps), where sort/scatter overhead and weight reads cost
+  more than FLOPs: with fewer assignments than experts (N*K < E) only the
+  chosen experts' weights are gathered and applied; otherwise, for N <=
+  SMALL_N, every expert runs on every token with the unchosen gates exactly 0
+  (see SMALL_N). Both give the same sum.
   """
   n, k = expert_NxK.shape
+  if n * k < w_in.shape[0]:  # fewer assignments than experts: read only theirs
+    flat_M = expert_NxK.reshape(-1)
+    x_Mx1xD = jnp.repeat(x_NxD, k, axis=0)[:, None]
+    y_Mx1xD = expert_ffn(x_Mx1xD, w_in[flat_M], w_out[flat_M])
+    return combine(rearrange(y_Mx1xD, "(n k) 1 d -> n k d", k=k), gate_NxK)
   if n <= SMALL_N:
     gate_NxE = jnp.zeros((n, w_in.shape[0]), gate_NxK.dtype).at[
         jnp.arange(n)[:, None], expert_NxK].add(gate_NxK)
@@ -191,6 +199,9 @@ def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
 
 def dense_moe(x_NxD, probs_NxE, w_in, w_out):
   """Every expert on every token, weighted by the full softmax."""
-  h = jnp.einsum("nd,edf->nef", x_NxD, w_in)
-  y_NxExD = jnp.einsum("nef,efd->ned", swiglu(h), w_out)
-  return jnp.einsum("ne,ned->nd", probs_NxE.astype(x_NxD.dtype), y_NxExD)
+  # Experts as the batch axis of the matmuls ('ecd,edf'), the layout the
+  # weights are stored in: "nd,edf->nef" makes XLA:CPU transpose every expert
+  # weight on every call, which dominates small decode steps.
+  x_ExNxD = jnp.broadcast_to(x_NxD, (w_in.shape[0],) + x_NxD.shape)
+  y_ExNxD = expert_ffn(x_ExNxD, w_in, w_out)
+  return jnp.einsum("ne,end->nd", probs_NxE.astype(x_NxD.dtype), y_ExNxD)
