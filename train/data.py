@@ -109,10 +109,9 @@ def train_batch(ds: Dataset, step: int, batch_size: int, seed: int) -> np.ndarra
 
 
 def val_batches(ds: Dataset, num_batches: int, batch_size: int):
-  """The first num_batches * batch_size validation windows (fixed across evals)."""
+  """The first num_batches * batch_size validation windows (fixed across evals);
+  a last partial batch is filled by wrapping around to the first windows."""
   n = len(ds.val_WxL1)
-  for b in range(num_batches):
+  for b in range(min(num_batches, -(-n // batch_size))):
     rows = (b * batch_size + np.arange(batch_size)) % n
-    if b * batch_size >= n:
-      return
     yield ds.val_WxL1[rows].astype(np.int32)

@@ -28,7 +28,7 @@ from train.metrics import MetricWriter
 
 
 def moe_metrics(stats, losses) -> dict:
-  """Per-MoE-layer routing metrics, flattened to names like 'layer1/load_cv'."""
+  """Per-MoE-layer routing metrics, flattened to names like 'moe1/load_cv'."""
   out = {}
   per_layer = jax.vmap(load_metrics)(stats)
   for i in range(stats.dropped.shape[0]):
@@ -84,6 +84,7 @@ def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | No
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
   writer = MetricWriter(workdir)
   tokens_per_step = run.data.batch_size * run.data.seq_len
+  lr_schedule = optimizer.schedule(run.optimizer, run.train.steps)
   last = min(run.train.steps, stop_after) if stop_after is not None else run.train.steps
   summary = {"start_step": start}
   bar = tqdm(total=last, initial=start, disable=not progress, unit="step")
@@ -112,7 +113,7 @@ def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | No
       scalars = {k: v for k, v in metrics.items() if k not in ("moe", "moe_losses")}
       if "moe" in metrics:
         scalars.update(moe_metrics(metrics["moe"], metrics["moe_losses"]))
-      scalars["learning_rate"] = optimizer.schedule(run.optimizer, run.train.steps)(step)
+      scalars["learning_rate"] = lr_schedule(step)
       writer.write(done, "train", {**scalars, **rates})
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
                       tok_s=f"{rates.get('tokens_per_s', 0):.0f}")
