@@ -43,6 +43,11 @@ from model.transformer import Decoder
 
 STRATEGIES = SAMPLING_STRATEGIES + ("beam",)
 PROMPT_BUCKET = 8  # prompt widths are padded to a multiple of this (fewer recompiles)
+# XLA's default copy insertion on CPU copies every loop-carried cache buffer
+# that the step both reads (attention) and writes (the new token's slot):
+# three whole-cache copies per layer and step. Region analysis proves the read
+# precedes the in-place write and inserts none (see model/kv_cache.py).
+COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 @dataclasses.dataclass
@@ -109,7 +114,7 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
     return {"tokens": s.tokens_BxN, "lengths": s.num_generated_B, "logprobs": s.logprob_B,
             "scores": s.logprob_B}
 
-  return jax.jit(run)
+  return jax.jit(run, compiler_options=COMPILER_OPTIONS)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT_BUCKET):

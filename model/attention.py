@@ -48,37 +48,59 @@ def attend(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
   return rearrange(out, "b l k g e -> b l (k g) e")
 
 
-def attend_flat_kv(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
-  """`attend` for keys/values stored [B, S, K, E] (the decode cache), same result.
+def attend_cached(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, cache_mask_BxLxS,
+                  k_BxMxKxE, v_BxMxKxE, new_mask_BxLxM):
+  """`attend` over cached keys plus the step's own M new keys: one softmax.
 
-  The grouped products of `attend` put the kv-head axis K beside B as a batch
-  dimension, so XLA transposes the whole [B, S, K, E] cache of every layer
-  on every decode step. Here the queries are expanded block-diagonally over
-  the K kv heads,
+      Attention = softmax([q K_cache^T, q K_new^T] / sqrt(E) + M) [V_cache; V_new]
+
+  The decode step reads the cache *before* its own write (model/kv_cache.py),
+  so the cache write has one consumer (the loop carry) and XLA performs it
+  in place; the new keys/values come straight from the projection.
+
+  The cache is stored [B, S, K, E]. The grouped products of `attend` would
+  put the kv-head axis K beside B as a batch dimension and transpose the
+  whole cache of every layer on every step. Here the queries are expanded
+  block-diagonally over the K kv heads (elementwise, fused),
 
       q'[b, (l k g), (j e)] = q[b, l, (k g), e] * [j == k]
       s[b, (l h), s'] = q' . k[b, s', (j e)]              (K x the score FLOPs)
       o'[b, (l h), (j e)] = p . v[b, s', (j e)];  o = diagonal blocks j == k
 
   so both products contract the cache in its stored layout (a free reshape
-  of [B, S, K, E] to [B, S, K*E]): no copy of the cache per step.
+  of [B, S, K, E] to [B, S, K*E]).
+
+  Args:
+    q_BxLxHxE: queries (rotated).
+    k_BxSxKxE, v_BxSxKxE: the cache; cache_mask_BxLxS True where readable.
+    k_BxMxKxE, v_BxMxKxE: the step's new keys/values; new_mask_BxLxM.
+  Returns:
+    out_BxLxHxE.
   """
   b, l, h, e = q_BxLxHxE.shape
   num_kv = k_BxSxKxE.shape[2]
+  scale = e ** -0.5
+  # Expansion and extraction are elementwise (fused). As dots with an identity
+  # matrix they cost transposes, and XLA:CPU's dot fusion slows down when it
+  # absorbs the multiply-by-identity extraction.
   eye_KxK = jnp.eye(num_kv, dtype=q_BxLxHxE.dtype)
-  q = rearrange(q_BxLxHxE, "b l (k g) e -> b l k g e", k=num_kv)
-  q_BxQxC = rearrange(jnp.einsum("blkge,kj->blkgje", q, eye_KxK),
-                      "b l k g j e -> b (l k g) (j e)")
+  q = rearrange(q_BxLxHxE, "b l (k g) e -> b l k g 1 e", k=num_kv)
+  q_BxQxC = rearrange(q * eye_KxK[:, None, :, None], "b l k g j e -> b (l k g) (j e)")
   k_BxSxC = rearrange(k_BxSxKxE, "b s k e -> b s (k e)")
   v_BxSxC = rearrange(v_BxSxKxE, "b s k e -> b s (k e)")
-  s_BxQxS = jnp.einsum("bqc,bsc->bqs", q_BxQxC, k_BxSxC).astype(jnp.float32) * e ** -0.5
-  s_BxLxHxS = rearrange(s_BxQxS, "b (l h) s -> b l h s", l=l)
-  s_BxLxHxS = jnp.where(mask_BxLxS[:, :, None, :], s_BxLxHxS, -1e30)
-  p = rearrange(jax.nn.softmax(s_BxLxHxS, axis=-1).astype(v_BxSxKxE.dtype),
-                "b l h s -> b (l h) s")
-  o_BxQxC = jnp.einsum("bqs,bsc->bqc", p, v_BxSxC)
-  o = rearrange(o_BxQxC, "b (l k g) (j e) -> b l k g j e", l=l, k=num_kv, j=num_kv)
-  return rearrange(jnp.einsum("blkgje,kj->blkge", o, eye_KxK), "b l k g e -> b l (k g) e")
+  s_cache = rearrange(jnp.einsum("bqc,bsc->bqs", q_BxQxC, k_BxSxC), "b (l h) s -> b l h s", l=l)
+  s_new = rearrange(jnp.einsum("blkge,bmke->blkgm", q[:, :, :, :, 0], k_BxMxKxE),
+                    "b l k g m -> b l (k g) m")
+  mask = jnp.concatenate([cache_mask_BxLxS, new_mask_BxLxM], axis=-1)[:, :, None, :]
+  s_BxLxHxSM = jnp.concatenate([s_cache, s_new], axis=-1).astype(jnp.float32) * scale
+  p = jax.nn.softmax(jnp.where(mask, s_BxLxHxSM, -1e30), axis=-1).astype(v_BxSxKxE.dtype)
+  p_cache, p_new = p[..., : k_BxSxKxE.shape[1]], p[..., k_BxSxKxE.shape[1]:]
+  o = jnp.einsum("bqs,bsc->bqc", rearrange(p_cache, "b l h s -> b (l h) s"), v_BxSxC)
+  o = rearrange(o, "b (l k g) (j e) -> b l k g j e", l=l, k=num_kv, j=num_kv)
+  o_cache = jnp.stack([o[:, :, j, :, j] for j in range(num_kv)], axis=2)  # blocks j == k
+  o_new = jnp.einsum("blkgm,bmke->blkge",
+                     rearrange(p_new, "b l (k g) m -> b l k g m", k=num_kv), v_BxMxKxE)
+  return rearrange(o_cache + o_new, "b l k g e -> b l (k g) e")
 
 
 def causal_mask(q_pos_BxL, k_pos_BxS):
@@ -91,9 +113,10 @@ class Attention(nn.Module):
 
   Params: w_qkv (D, H + 2K, E), w_o (H, E, D).
   With cache=None the layer attends causally within x and returns (y, None).
-  With a layer cache (model/kv_cache.py: `update` + `attend`), the new keys
-  and values are written at `positions_BxL` and the queries attend to every
-  cached position <= their own; returns (y, updated cache).
+  With a layer cache (model/kv_cache.py: `attend` + `update`), the queries
+  attend to the cached positions before the step and to the step's own keys
+  (causally), then the new keys and values are written at `positions_BxL`;
+  returns (y, updated cache).
   """
 
   cfg: ModelConfig
@@ -119,13 +142,16 @@ class Attention(nn.Module):
   def out(self, o_BxLxHxE):
     """Output projection: o_BxLxHxE -> y_BxLxD."""
     dt = jnp.dtype(self.cfg.dtype)
-    return jnp.einsum("blhe,hed->bld", o_BxLxHxE, self.w_o.astype(dt))
+    # One (H*E) contraction: with two contracting axes XLA may pick the (E, H)
+    # order and transpose all of w_o on every decode step.
+    return jnp.einsum("blc,cd->bld", rearrange(o_BxLxHxE, "b l h e -> b l (h e)"),
+                      rearrange(self.w_o.astype(dt), "h e d -> (h e) d"))
 
   def __call__(self, x_BxLxD, positions_BxL, cache: Optional[Any] = None):
     q, k, v = self.qkv(x_BxLxD, positions_BxL)
     if cache is None:
       o = attend(q, k, v, causal_mask(positions_BxL, positions_BxL))
     else:
+      o = cache.attend(q, k, v, positions_BxL)   # reads the cache before the write
       cache = cache.update(k, v, positions_BxL)
-      o = cache.attend(q, positions_BxL)
     return self.out(o), cache

@@ -37,7 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from model.attention import attend_flat_kv
+from model.attention import attend_cached
 from model.config import ModelConfig
 
 
@@ -46,8 +46,13 @@ def update_rows(buf_BxTx, new_BxLx, start_B):
 
   One `lax.dynamic_update_slice` per row (vmapped: a single scatter), so in a
   loop carry XLA updates the buffer in place. As in dynamic_update_slice, a
-  start past T - L is clamped to T - L.
+  start past T - L is clamped to T - L. A single row is one plain
+  dynamic_update_slice: XLA:CPU lowers a batch-1 scatter to a select over
+  copies of the whole buffer.
   """
+  if buf_BxTx.shape[0] == 1:
+    idx = (0, start_B[0].astype(jnp.int32)) + (0,) * (buf_BxTx.ndim - 2)
+    return jax.lax.dynamic_update_slice(buf_BxTx, new_BxLx.astype(buf_BxTx.dtype), idx)
   def one(buf_Tx, new_Lx, start):
     idx = (start,) + (0,) * (buf_Tx.ndim - 1)
     return jax.lax.dynamic_update_slice(buf_Tx, new_Lx.astype(buf_Tx.dtype), idx)
@@ -71,16 +76,22 @@ class LayerKV:
     return LayerKV(update_rows(self.k_BxTxKxE, k_BxLxKxE, start_B),
                    update_rows(self.v_BxTxKxE, v_BxLxKxE, start_B))
 
-  def attend(self, q_BxLxHxE, positions_BxL):
-    """Causal attention of the queries over the cached slots s <= position.
+  def attend(self, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxL):
+    """Attention of the step's queries over the cache and the step's own keys.
 
-    `attend_flat_kv` reads the [B, T, K, E] buffers in place (no per-step
-    transpose of the cache).
+    Reads the cache before this step's `update`: slots s < positions_BxL[b, 0]
+    (every earlier token of the row) plus the L new keys with position <= the
+    query's. The write that follows is then the buffer's only consumer, so
+    XLA does it in place (a read after the write makes XLA:CPU fuse the write
+    into the reader and copy the whole buffer).
     """
-    slot_BxT = jnp.broadcast_to(jnp.arange(self.max_len, dtype=jnp.int32),
-                                (q_BxLxHxE.shape[0], self.max_len))
-    mask_BxLxT = slot_BxT[:, None, :] <= positions_BxL[:, :, None]
-    return attend_flat_kv(q_BxLxHxE, self.k_BxTxKxE, self.v_BxTxKxE, mask_BxLxT)
+    start_Bx1x1 = positions_BxL[:, :1, None]
+    slot_1x1xT = jnp.arange(self.max_len, dtype=jnp.int32)[None, None]
+    cache_mask_BxLxT = jnp.broadcast_to(slot_1x1xT < start_Bx1x1,
+                                        positions_BxL.shape + (self.max_len,))
+    new_mask_BxLxL = positions_BxL[:, None, :] <= positions_BxL[:, :, None]
+    return attend_cached(q_BxLxHxE, self.k_BxTxKxE, self.v_BxTxKxE, cache_mask_BxLxT,
+                         k_BxLxKxE, v_BxLxKxE, new_mask_BxLxL)
 
 
 @flax.struct.dataclass

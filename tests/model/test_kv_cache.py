@@ -89,11 +89,16 @@ def test_reorder_and_repeat_move_rows():
   np.testing.assert_array_equal(ro.layers[0].k_BxTxKxE[:, 0, 0, 0], [1, 0, 0, 1])
 
 
-def test_flat_kv_attention_equals_grouped_attention():
-  from model.attention import attend, attend_flat_kv
-  ks = jax.random.split(jax.random.key(0), 4)
+def test_cached_attention_equals_grouped_attention_over_the_concatenation():
+  """attend_cached(cache, new) == attend over [cache; new] with the joint mask."""
+  from model.attention import attend, attend_cached
+  ks = jax.random.split(jax.random.key(0), 7)
   q = jax.random.normal(ks[0], (2, 3, 8, 16))
   k, v = jax.random.normal(ks[1], (2, 10, 2, 16)), jax.random.normal(ks[2], (2, 10, 2, 16))
-  mask = jax.random.bernoulli(ks[3], 0.6, (2, 3, 10)).at[:, :, 0].set(True)
-  np.testing.assert_allclose(jax.jit(attend_flat_kv)(q, k, v, mask),
-                             jax.jit(attend)(q, k, v, mask), atol=1e-5)
+  kn, vn = jax.random.normal(ks[4], (2, 3, 2, 16)), jax.random.normal(ks[5], (2, 3, 2, 16))
+  cache_mask = jax.random.bernoulli(ks[3], 0.6, (2, 3, 10))
+  new_mask = jax.random.bernoulli(ks[6], 0.6, (2, 3, 3)).at[:, :, 0].set(True)
+  want = attend(q, jnp.concatenate([k, kn], 1), jnp.concatenate([v, vn], 1),
+                jnp.concatenate([cache_mask, new_mask], -1))
+  np.testing.assert_allclose(jax.jit(attend_cached)(q, k, v, cache_mask, kn, vn, new_mask),
+                             want, atol=1e-5)
