@@ -6,18 +6,22 @@ contiguous implementation stores position p of row b in slot p of that row:
     k_BxTxKxE[b, p] = RoPE(x_p W_k, p)      for every p < written_b
 
 so rows need no left padding and every row has its own write position. A
-step writes the L new tokens of row b at positions `positions_BxL[b]` (a
-contiguous run starting at `positions_BxL[b, 0]`) with one per-row
-`lax.dynamic_update_slice` (`update_rows`), and the queries attend to the
-slots s <= their own position (`attend`): slots past a row's position are
-never read, so stale entries (right-padded prompt tails, rejected
-speculative tokens, a finished row's idle writes) need no clearing.
+step's L new tokens of row b have positions `positions_BxL[b]`, a
+contiguous run starting at `positions_BxL[b, 0]`. Their queries attend to
+the slots s < positions_BxL[b, 0] of the cache as it was before the step plus
+the step's own keys, causally (`attend`); then the new keys/values are
+written at those positions with one per-row `lax.dynamic_update_slice`
+(`update_rows`). Slots at or past a row's position are never read, so stale
+entries (right-padded prompt tails, rejected speculative tokens, a finished
+row's idle writes) need no clearing. Reading before writing leaves the write
+as the buffer's only consumer, which XLA performs in place (no copy of the
+cache per step; see `LayerKV.attend`).
 
 Interface of a layer cache (what `model.attention.Attention` calls), so other
 layouts are additions rather than rewrites:
 
+    o_BxLxHxE = layer.attend(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxL)
     layer = layer.update(k_BxLxKxE, v_BxLxKxE, positions_BxL)   # functional write
-    o_BxLxHxE = layer.attend(q_BxLxHxE, positions_BxL)          # read + attention
 
 A paged cache (vLLM) keeps the same two methods over a page table, an MLA
 cache stores the latent instead of K/V and does absorbed attention in
