@@ -165,11 +165,51 @@ def grouped_ffn(x_MxD, w_in, w_out, group_sizes_E, expected_rows: int | None = N
   return grouped_mlp(x_MxD, w_in, w_out, group_sizes_E, swiglu, expected_rows)
 
 
-# At most this many tokens (e.g. a decode step), dropless_moe runs every expert
-# on every token with the unchosen gates at 0: E/K times the FLOPs, but a few
-# large matmuls instead of a sort, a grouped matmul and a scatter, which is
-# what costs at such sizes (per-op overhead, weight-tile gathers on CPU).
+# At most this many tokens (e.g. a decode step), dropless_moe loops over the
+# experts (`expert_loop_moe`) instead of sorting and running the grouped
+# matmul, whose sort, scatter and weight-tile gathers are what costs at such
+# sizes on CPU.
 SMALL_N = 64
+
+
+def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
+  """Small-N dropless MoE: one expert at a time, on its own tokens only.
+
+  A `lax.fori_loop` over the E experts. Expert e has c_e of the N tokens; its
+  rows are gathered into the smallest bucket m >= c_e of (1, 2, 4, ..., N)
+  (`lax.switch`: shapes stay static, padding rows are zero and dropped),
+  SwiGLU_e runs on those m rows and gate * output is added back to the
+  tokens. An expert with no token is skipped, so every used expert's weights
+  are read once and the matmuls have ~N*K/E rows instead of N: decode is
+  bound by reading expert weights, and XLA:CPU's matmuls stream weights
+  fastest with few rows (the dense all-experts form reads every expert with
+  N rows and is E/K times the FLOPs).
+  """
+  n, d = x_NxD.shape
+  num_experts = w_in.shape[0]
+  chosen_NxE = jnp.zeros((n, num_experts), bool).at[jnp.arange(n)[:, None], expert_NxK].set(True)
+  gate_NxE = jnp.zeros((n, num_experts), gate_NxK.dtype).at[
+      jnp.arange(n)[:, None], expert_NxK].add(gate_NxK)
+  count_E = chosen_NxE.sum(axis=0)
+  tokens_ExN = jnp.argsort(~chosen_NxE.T, axis=1, stable=True)  # expert e's tokens first
+  x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, d), x_NxD.dtype)])        # row n = padding
+  gate_pad = jnp.concatenate([gate_NxE, jnp.zeros((1, num_experts), gate_NxE.dtype)])
+  buckets = tuple(sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)}))
+
+  def run_expert(e, m):
+    def apply(y_NxD):
+      rows_m = jnp.where(jnp.arange(m) < count_E[e], tokens_ExN[e, :m], n)
+      h = swiglu(x_pad[rows_m] @ w_in[e])
+      out_mxD = (h @ w_out[e]) * gate_pad[rows_m, e][:, None].astype(h.dtype)
+      return y_NxD.at[rows_m].add(out_mxD.astype(y_NxD.dtype), mode="drop")
+    return apply
+
+  def body(e, y_NxD):
+    branch = jnp.where(count_E[e] == 0, 0,
+                       1 + jnp.searchsorted(jnp.asarray(buckets), count_E[e]))
+    return jax.lax.switch(branch, [lambda y: y] + [run_expert(e, m) for m in buckets], y_NxD)
+
+  return jax.lax.fori_loop(0, num_experts, body, jnp.zeros_like(x_NxD))
 
 
 def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
@@ -178,8 +218,7 @@ def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
   Small N (decode steps), where sort/scatter overhead and weight reads cost
   more than FLOPs: with fewer assignments than experts (N*K < E) only the
   chosen experts' weights are gathered and applied; otherwise, for N <=
-  SMALL_N, every expert runs on every token with the unchosen gates exactly 0
-  (see SMALL_N). Both give the same sum.
+  SMALL_N, `expert_loop_moe`. All give the same sum.
   """
   n, k = expert_NxK.shape
   if n * k < w_in.shape[0]:  # fewer assignments than experts: read only theirs
@@ -188,9 +227,7 @@ def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
     y_Mx1xD = expert_ffn(x_Mx1xD, w_in[flat_M], w_out[flat_M])
     return combine(rearrange(y_Mx1xD, "(n k) 1 d -> n k d", k=k), gate_NxK)
   if n <= SMALL_N:
-    gate_NxE = jnp.zeros((n, w_in.shape[0]), gate_NxK.dtype).at[
-        jnp.arange(n)[:, None], expert_NxK].add(gate_NxK)
-    return dense_moe(x_NxD, gate_NxE, w_in, w_out)
+    return expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out)
   order_M, group_sizes_E = sort_by_expert(expert_NxK, w_in.shape[0])
   y_sorted_MxD = grouped_ffn(x_NxD[order_M // k], w_in, w_out, group_sizes_E)
   y_MxD = jnp.zeros_like(y_sorted_MxD).at[order_M].set(y_sorted_MxD, unique_indices=True)

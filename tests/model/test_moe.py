@@ -141,10 +141,10 @@ def test_gradients_of_dispatch_paths_agree():
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("n", [1, dispatch.SMALL_N, dispatch.SMALL_N + 40])
+@pytest.mark.parametrize("n", [1, 3, 5, 8, dispatch.SMALL_N, dispatch.SMALL_N + 40])
 def test_dropless_small_and_grouped_paths_equal_capacity(n):
-  """Every dropless path: gathered experts (N*K < E), dense (N <= SMALL_N), sorted
-  grouped matmul beyond."""
+  """Every dropless path: gathered experts (N*K < E), the expert loop with its
+  row buckets (N <= SMALL_N), sorted grouped matmul beyond."""
   k = jax.random.split(jax.random.key(7), 4)
   x = jax.random.normal(k[0], (n, D))
   w_in = jax.random.normal(k[1], (E, D, 2 * F)) * 0.3
