@@ -1,6 +1,6 @@
 """Decode throughput: Hugging Face transformers (PyTorch CPU) vs moelab (JAX).
 
-  python -m experiments.bench_decode [--new_tokens=256 --beam_tokens=64 --threads=2]
+  python -m experiments.bench_decode [--new_tokens=256 --beam_tokens=64 --threads=2 --repeats=3]
 
 Same architecture and identical weights on both sides: a random HF model
 (Llama-like: d_model 256, 4 layers, 8 heads / 2 kv heads, FFN 512, vocab 260;
@@ -13,7 +13,8 @@ exactly the requested number of tokens. Rows:
                      generated tokens of the returned sequence)
 
 Columns: HF tokens/s, moelab tokens/s (compiled run; compilation timed
-separately), their ratio, moelab's no-cache recompute baseline (a full
+separately; each the median of --repeats runs taken alternately, HF then
+moelab, after a warm-up of each), their ratio, moelab's no-cache recompute baseline (a full
 forward over the whole fixed-width sequence for every new token, greedy only)
 and whether both produced the same tokens. HF runs with
 `torch.set_num_threads(threads)`, moelab on the JAX CPU backend.
@@ -41,6 +42,7 @@ _THREADS = flags.DEFINE_integer("threads", 2, "torch threads for HF.")
 _MODELS = flags.DEFINE_list("models", ["llama", "mixtral"], "Architectures.")
 _NO_CACHE = flags.DEFINE_bool("no_cache", True, "Run the no-cache recompute baseline.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows here.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timed runs of each side (median).")
 
 ARCH = dict(vocab_size=260, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
@@ -55,7 +57,8 @@ def hf_model(kind: str):
       **ARCH, num_local_experts=8, num_experts_per_tok=2)).eval()
 
 
-def time_hf(hf, prompt_BxP, new: int, beams: int):
+def hf_runner(hf, prompt_BxP, new: int, beams: int):
+  """Warms HF up; returns run() -> (seconds, generated tokens)."""
   kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
             eos_token_id=None)
   if beams > 1:
@@ -63,14 +66,17 @@ def time_hf(hf, prompt_BxP, new: int, beams: int):
   ids = torch.tensor(prompt_BxP)
   with torch.no_grad():
     hf.generate(ids[:, :8], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-    t = time.perf_counter()
-    out = hf.generate(ids, **kw)
-    dt = time.perf_counter() - t
-  return dt, out[:, prompt_BxP.shape[1]:].numpy()
+
+  def run():
+    with torch.no_grad():
+      t = time.perf_counter()
+      out = hf.generate(ids, **kw)
+      return time.perf_counter() - t, out[:, prompt_BxP.shape[1]:].numpy()
+  return run
 
 
-def time_moelab(cfg, params, prompt_BxP, new: int, beams: int):
-  """Returns (compile_s, run_s, tokens)."""
+def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int):
+  """Compiles (timed) and warms up; returns (compile_s, run() -> (seconds, tokens))."""
   strategy = "beam" if beams > 1 else "greedy"
   prompt, lens = pad_prompts(prompt_BxP.tolist(), 0)
   fn = decode_fn(cfg, strategy, max_new_tokens=new, cache_len=prompt.shape[1] + new,
@@ -82,11 +88,28 @@ def time_moelab(cfg, params, prompt_BxP, new: int, beams: int):
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t
   jax.block_until_ready(compiled(*args))  # warm-up (allocations)
-  t = time.perf_counter()
-  out = jax.block_until_ready(compiled(*args))
-  run_s = time.perf_counter() - t
-  tokens = np.asarray(out["tokens"])
-  return compile_s, run_s, tokens[::beams]
+
+  def run():
+    t = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - t, np.asarray(out["tokens"])[::beams]
+  return compile_s, run
+
+
+def interleaved(runners: dict, repeats: int):
+  """Runs the runners in turn, `repeats` rounds; returns {name: (median s, tokens)}.
+
+  Alternating HF and moelab runs exposes both to the same machine state (the
+  2-core VM this was written on changes speed by up to 2x over minutes), so
+  the ratio of medians is steadier than either figure.
+  """
+  times = {name: [] for name in runners}
+  tokens = {}
+  for _ in range(repeats):
+    for name, run in runners.items():
+      dt, tokens[name] = run()
+      times[name].append(dt)
+  return {name: (float(np.median(ts)), tokens[name]) for name, ts in times.items()}
 
 
 def time_no_cache(cfg, params, prompt_BxP, new: int):
@@ -128,15 +151,17 @@ def main(argv):
     for case, b, new, beams in [("greedy b1", 1, _NEW.value, 1), ("greedy b8", 8, _NEW.value, 1),
                                 ("beam 4", 1, _BEAM_NEW.value, 4)]:
       prompt = rng.integers(3, ARCH["vocab_size"], (b, _PROMPT.value)).astype(np.int32)
-      hf_s, hf_tokens = time_hf(hf, prompt, new, beams)
-      comp_s, ml_s, ml_tokens = time_moelab(cfg, params, prompt, new, beams)
+      comp_s, ml_run = moelab_runner(cfg, params, prompt, new, beams)
+      res = interleaved({"hf": hf_runner(hf, prompt, new, beams), "moelab": ml_run},
+                        _REPEATS.value)
+      (hf_s, hf_tokens), (ml_s, ml_tokens) = res["hf"], res["moelab"]
       nc = float("nan")
       if _NO_CACHE.value and beams == 1:
         nc_s, nc_tokens = time_no_cache(cfg, params, prompt, new)
         nc = b * new / nc_s
         assert (nc_tokens == ml_tokens).mean() > 0.9
       row = dict(model=kind, case=case, hf_tok_s=b * new / hf_s, moelab_tok_s=b * new / ml_s,
-                 ratio=hf_s / ml_s, no_cache_tok_s=nc, compile_s=comp_s,
+                 ratio=hf_s / ml_s, no_cache_tok_s=nc, compile_s=comp_s, repeats=_REPEATS.value,
                  same=bool((hf_tokens == ml_tokens[:, :hf_tokens.shape[1]]).all()))
       rows.append(row)
       print(f"{kind:8} {case:10} {row['hf_tok_s']:9.0f} {row['moelab_tok_s']:12.0f} "
