@@ -13,7 +13,9 @@ Three interchangeable implementations of that sum:
   through the residual connection of the block unchanged (Switch sec. 2.2).
 * `dropless_moe`: sort the N*k assignments by expert, run the experts as one
   grouped matmul (`kernels.grouped_matmul`), unsort and combine. Nothing is dropped
-  (MegaBlocks, Gale et al. 2022).
+  (MegaBlocks, Gale et al. 2022). Decode-sized N takes `expert_loop_moe`
+  (one expert at a time on its own tokens, unused experts skipped) or, with
+  fewer assignments than experts, a gather of the chosen experts' weights.
 * `dense_moe`: every expert on every token, weighted by softmax over all E
   (moe_mode='dense').
 
