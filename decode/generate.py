@@ -47,6 +47,7 @@ PROMPT_BUCKET = 8  # prompt widths are padded to a multiple of this (fewer recom
 # that the step both reads (attention) and writes (the new token's slot):
 # three whole-cache copies per layer and step. Region analysis proves the read
 # precedes the in-place write and inserts none (see model/kv_cache.py).
+# A CPU compiler option (XLA DebugOptions), passed only when compiling for CPU.
 COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
@@ -114,7 +115,8 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
     return {"tokens": s.tokens_BxN, "lengths": s.num_generated_B, "logprobs": s.logprob_B,
             "scores": s.logprob_B}
 
-  return jax.jit(run, compiler_options=COMPILER_OPTIONS)
+  on_cpu = jax.default_backend() == "cpu"
+  return jax.jit(run, compiler_options=COMPILER_OPTIONS if on_cpu else None)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT_BUCKET):

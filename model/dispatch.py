@@ -207,8 +207,8 @@ def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
     return apply
 
   def body(e, y_NxD):
-    branch = jnp.where(count_E[e] == 0, 0,
-                       1 + jnp.searchsorted(jnp.asarray(buckets), count_E[e]))
+    # 0: skip; b + 1: the b-th bucket, the first with room for count_E[e] rows.
+    branch = jnp.where(count_E[e] == 0, 0, 1 + jnp.sum(jnp.asarray(buckets) < count_E[e]))
     return jax.lax.switch(branch, [lambda y: y] + [run_expert(e, m) for m in buckets], y_NxD)
 
   return jax.lax.fori_loop(0, num_experts, body, jnp.zeros_like(x_NxD))

@@ -1,5 +1,7 @@
 """`generate` semantics on a random moelab model: lengths, stops, scores."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,3 +95,26 @@ def test_num_samples_and_argument_errors(params, prompts):
     generate(CFG, params, prompts, strategy="sample", temperature=0.0)
   with pytest.raises(ValueError, match="early_stopping"):
     generate(CFG, params, prompts, strategy="beam", early_stopping="sometimes")
+
+
+@pytest.mark.parametrize("batch,strategy", [(1, "greedy"), (3, "greedy"), (2, "sample")])
+def test_compiled_decode_loop_never_copies_the_kv_cache(params, batch, strategy):
+  """The step reads each layer's cache before writing it (model/kv_cache.py);
+  with the CPU copy-insertion option of decode_fn the write is in place. A
+  copy of a [B, T, K, E] buffer anywhere in the program would be a per-step
+  (or per-call) copy of the whole cache."""
+  from decode import processors as proc
+  from decode.generate import decode_fn
+  prompt_len, new = 8, 6
+  fn = decode_fn(CFG, strategy, max_new_tokens=new, cache_len=prompt_len + new)
+  args = (params, jnp.ones((batch, prompt_len), jnp.int32),
+          jnp.full((batch,), prompt_len, jnp.int32), proc.SamplingParams.create(batch),
+          jax.random.key(0), (np.float32(1.0), np.int32(1)))
+  hlo = fn.lower(*args).compile().as_text()
+  shape = f"f32[{batch},{prompt_len + new},{CFG.num_kv_heads},{CFG.dim_per_head}]"
+  bodies = [re.search(r"^%" + re.escape(name) + r" .*?^}", hlo, re.M | re.S).group(0)
+            for name in re.findall(r" while\(.*?body=%([\w.\-]+)", hlo)]
+  assert any(shape in body for body in bodies)  # the decode loop carries the cache
+  copies = [line for body in bodies for line in body.splitlines()
+            if f"= {shape}" in line and " copy(" in line]
+  assert not copies, copies[:3]
