@@ -50,13 +50,8 @@ def update_rows(buf_BxTx, new_BxLx, start_B):
 
   One `lax.dynamic_update_slice` per row (vmapped: a single scatter), so in a
   loop carry XLA updates the buffer in place. As in dynamic_update_slice, a
-  start past T - L is clamped to T - L. A single row is one plain
-  dynamic_update_slice: XLA:CPU lowers a batch-1 scatter to a select over
-  copies of the whole buffer.
+  start past T - L is clamped to T - L.
   """
-  if buf_BxTx.shape[0] == 1:
-    idx = (0, start_B[0].astype(jnp.int32)) + (0,) * (buf_BxTx.ndim - 2)
-    return jax.lax.dynamic_update_slice(buf_BxTx, new_BxLx.astype(buf_BxTx.dtype), idx)
   def one(buf_Tx, new_Lx, start):
     idx = (start,) + (0,) * (buf_Tx.ndim - 1)
     return jax.lax.dynamic_update_slice(buf_Tx, new_Lx.astype(buf_Tx.dtype), idx)
