@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decode import data_parallel
 from decode import processors as proc
 from decode.beam_search import beam_search_loop, early_stopping_code, length_penalty_divisor
 from decode.sampling import STRATEGIES as SAMPLING_STRATEGIES
@@ -83,17 +84,25 @@ def make_step_fn(cfg: ModelConfig, params):
 @functools.lru_cache(maxsize=64)
 def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len: int,
               stop_ids: tuple = (), pad_id: int = 0, active: tuple = (), num_beams: int = 1,
-              length_penalty_type: str = "hf", min_tokens_to_keep: int = 1):
+              length_penalty_type: str = "hf", min_tokens_to_keep: int = 1,
+              num_devices: int = 1):
   """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng, beam) -> dict.
 
   `beam` = (length_penalty float32 [], early_stopping_code int32 []): run-time
-  values, so one compilation serves every length penalty. The dict holds `tokens` [R, N], `lengths` [R], `logprobs` [R], `scores` [R]
-  with R = B rows (greedy/sample) or B * num_beams (beam, best first).
+  values, so one compilation serves every length penalty. The dict holds
+  `tokens` [R, N], `lengths` [R], `logprobs` [R], `scores` [R] with R = B rows
+  (greedy/sample) or B * num_beams (beam, best first).
+
+  num_devices > 1 splits the B prompts into equal blocks over that many local
+  devices (decode/data_parallel.py): each runs prefill and its own while_loop
+  over its block. Sampling keys are per row, split from `rng` before the
+  split, so results do not depend on num_devices. Pass params placed by
+  `data_parallel.replicate(params, num_devices)` (`generate` does).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES} (got {strategy!r})")
 
-  def run(params, prompt_BxP, prompt_len_B, sp, rng, beam):
+  def rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam):
     b = prompt_BxP.shape[0]
     step_fn = make_step_fn(cfg, params)
     cache = KVCache.init(cfg, b, cache_len)
@@ -109,11 +118,17 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
                          s.finished_tokens_BxWxN.reshape(-1, n), pad_id)
       logprobs = scores * length_penalty_divisor(lengths, beam[0], length_penalty_type)
       return {"tokens": tokens, "lengths": lengths, "logprobs": logprobs, "scores": scores}
-    s = sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, sp, rng, strategy=strategy,
+    s = sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, sp, rng_B, strategy=strategy,
                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                     active=active, min_tokens_to_keep=min_tokens_to_keep)
     return {"tokens": s.tokens_BxN, "lengths": s.num_generated_B, "logprobs": s.logprob_B,
             "scores": s.logprob_B}
+
+  rows = data_parallel.split_rows(rows, num_devices, replicated_args=(0, 5))
+
+  def run(params, prompt_BxP, prompt_len_B, sp, rng, beam):
+    rng_B = jax.random.split(rng, prompt_BxP.shape[0])
+    return rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam)
 
   on_cpu = jax.default_backend() == "cpu"
   return jax.jit(run, compiler_options=COMPILER_OPTIONS if on_cpu else None)
@@ -137,7 +152,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              top_p=1.0, min_p=0.0, repetition_penalty=1.0, min_tokens_to_keep: int = 1,
              num_samples: int = 1, num_beams: int = 4, length_penalty: float = 1.0,
              length_penalty_type: str = "hf", early_stopping=False,
-             num_return_sequences: int = 1, seed: int = 0) -> GenerateOutput:
+             num_return_sequences: int = 1, seed: int = 0,
+             num_devices: int | None = None) -> GenerateOutput:
   """Decodes continuations of `prompts` (lists of token ids, any lengths).
 
   Args:
@@ -154,6 +170,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     num_beams, length_penalty, length_penalty_type ('hf' | 'gnmt'),
       early_stopping (True | False | 'never'), num_return_sequences: beam search.
     seed: PRNG seed for sampling.
+    num_devices: split the rows (prompts for beam search) over this many
+      local devices (decode/data_parallel.py); None: the most devices, up to
+      `jax.local_device_count()`, that divide them evenly.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES} (got {strategy!r})")
@@ -181,12 +200,18 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   if strategy == "sample":
     prompt_BxP, lens_B = np.repeat(prompt_BxP, rows, 0), np.repeat(lens_B, rows)
   sp = sp.repeat(rows if strategy != "greedy" else 1)
+  if num_devices is None:
+    num_devices = data_parallel.auto_num_devices(prompt_BxP.shape[0])
+  elif prompt_BxP.shape[0] % num_devices:
+    raise ValueError(f"num_devices={num_devices} must divide the {prompt_BxP.shape[0]} rows "
+                     "(prompts for beam search)")
   fn = decode_fn(cfg, strategy, max_new_tokens=max_new_tokens,
                  cache_len=prompt_BxP.shape[1] + max_new_tokens, stop_ids=stop, pad_id=pad_id,
                  active=active, num_beams=num_beams if strategy == "beam" else 1,
                  length_penalty_type=length_penalty_type,
-                 min_tokens_to_keep=min_tokens_to_keep)
+                 min_tokens_to_keep=min_tokens_to_keep, num_devices=num_devices)
   beam = (np.float32(length_penalty), np.int32(early_stopping_code(early_stopping)))
+  params = data_parallel.replicate(params, num_devices)
   out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, jax.random.key(seed), beam))
   keep = num_return_sequences if strategy == "beam" else rows
   sel = (np.arange(b)[:, None] * rows + np.arange(keep)[None]).reshape(-1)

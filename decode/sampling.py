@@ -44,22 +44,27 @@ class SampleState:
   logits_BxV: jax.Array         # next-token logits (float32)
   presence_BxV: jax.Array | None  # tokens seen per row (repetition penalty)
   cache: object                 # model/kv_cache.KVCache (or any layer-cache pytree)
-  rng: jax.Array
+  rng_B: jax.Array              # [B] PRNG keys, one per row
 
 
-def choose_tokens(logits_BxV, params: proc.SamplingParams, presence_BxV, rng, *,
+def choose_tokens(logits_BxV, params: proc.SamplingParams, presence_BxV, rng_B, *,
                   strategy: str, active: Sequence[str], min_tokens_to_keep: int = 1):
-  """Processes the logits and picks one token per row. Returns int32 [B]."""
+  """Processes the logits and picks one token per row. Returns int32 [B].
+
+  rng_B: one PRNG key per row, so a row's draw depends on its own key only,
+  not on which rows share its batch or its device (decode/generate.py splits
+  rows over devices).
+  """
   s_BxV = proc.process(logits_BxV, params, presence_BxV, active, min_tokens_to_keep)
   if strategy == "greedy":
     return jnp.argmax(s_BxV, axis=-1).astype(jnp.int32)
   if strategy == "sample":
-    return jax.random.categorical(rng, s_BxV, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(rng_B, s_BxV).astype(jnp.int32)
   raise ValueError(f"strategy must be one of {STRATEGIES} (got {strategy!r})")
 
 
 def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingParams,
-                rng, *, strategy: str, max_new_tokens: int, stop_ids: Sequence[int],
+                rng_B, *, strategy: str, max_new_tokens: int, stop_ids: Sequence[int],
                 pad_id: int, active: Sequence[str] = (), min_tokens_to_keep: int = 1):
   """Prefill + decode loop. Returns the final SampleState.
 
@@ -68,6 +73,7 @@ def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingP
     cache: empty cache with B rows and at least P + max_new_tokens positions.
     prompt_BxP: right-padded prompts; prompt_len_B >= 1 valid tokens per row.
     params: per-row processor parameters (SamplingParams with [B] arrays).
+    rng_B: one PRNG key per row; step t of row b draws with fold_in(rng_B[b], t).
     active: processors to apply (static; `SamplingParams.active()`); greedy
       uses only 'repetition_penalty' (HF applies no warpers when greedy).
     min_tokens_to_keep: HF's floor for top-k / top-p / min-p.
@@ -87,14 +93,15 @@ def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingP
       done_B=jnp.zeros((b,), bool),
       logprob_B=jnp.zeros((b,), jnp.float32),
       logits_BxV=logits_BxV.astype(jnp.float32),
-      presence_BxV=presence, cache=cache, rng=rng)
+      presence_BxV=presence, cache=cache, rng_B=rng_B)
 
   def cond(s: SampleState):
     return (s.step < max_new_tokens) & ~jnp.all(s.done_B)
 
   def body(s: SampleState):
     x_B = choose_tokens(s.logits_BxV, params, s.presence_BxV,
-                        jax.random.fold_in(s.rng, s.step), strategy=strategy, active=active,
+                        jax.vmap(jax.random.fold_in, (0, None))(s.rng_B, s.step),
+                        strategy=strategy, active=active,
                         min_tokens_to_keep=min_tokens_to_keep)
     x_B = jnp.where(s.done_B, pad_id, x_B)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(s.logits_BxV, axis=-1), x_B[:, None],
@@ -112,6 +119,6 @@ def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingP
         position_B=s.position_B + live_B, done_B=done,
         logprob_B=s.logprob_B + jnp.where(live_B, logp_B, 0.0),
         logits_BxV=logits_Bx1xV[:, 0].astype(jnp.float32), presence_BxV=presence,
-        cache=cache, rng=s.rng)
+        cache=cache, rng_B=s.rng_B)
 
   return jax.lax.while_loop(cond, body, state)

@@ -16,24 +16,35 @@ Columns: HF tokens/s, moelab tokens/s (compiled run; compilation timed
 separately; each the median of --repeats runs taken alternately, HF then
 moelab, after a warm-up of each), their ratio, moelab's no-cache recompute baseline (a full
 forward over the whole fixed-width sequence for every new token, greedy only)
-and whether both produced the same tokens. HF runs with
-`torch.set_num_threads(threads)`, moelab on the JAX CPU backend.
+and whether both produced the same tokens.
+
+Both sides get the same cores: HF runs with `torch.set_num_threads(threads)`
+(intra-op threads); moelab on the JAX CPU backend with `threads` host devices
+(set here before jax starts; `--host_devices` overrides), over which a batch's
+rows are split (decode/data_parallel.py; the "dev" column). XLA:CPU runs each
+op of these small steps on one core, so the batch-1 and beam rows, which have
+one prompt, run on one device.
 """
 
 import json
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-import transformers
-from absl import app, flags
+from experiments import host_devices
 
-from decode.generate import decode_fn, pad_prompts
-from decode import processors as proc
-from model.hf_interop import config_from_hf, params_from_hf
-from model.transformer import Decoder
+_CORES = host_devices.request("host_devices", host_devices.flag_value("threads", 2))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from decode import data_parallel  # noqa: E402
+from decode import processors as proc  # noqa: E402
+from decode.generate import decode_fn, pad_prompts  # noqa: E402
+from model.hf_interop import config_from_hf, params_from_hf  # noqa: E402
+from model.transformer import Decoder  # noqa: E402
 
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Greedy new tokens per row.")
 _BEAM_NEW = flags.DEFINE_integer("beam_tokens", 64, "Beam-search new tokens.")
@@ -43,6 +54,7 @@ _MODELS = flags.DEFINE_list("models", ["llama", "mixtral"], "Architectures.")
 _NO_CACHE = flags.DEFINE_bool("no_cache", True, "Run the no-cache recompute baseline.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows here.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timed runs of each side (median).")
+flags.DEFINE_integer("host_devices", _CORES, "JAX CPU devices (read before jax starts).")
 
 ARCH = dict(vocab_size=260, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
@@ -79,10 +91,11 @@ def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int):
   """Compiles (timed) and warms up; returns (compile_s, run() -> (seconds, tokens))."""
   strategy = "beam" if beams > 1 else "greedy"
   prompt, lens = pad_prompts(prompt_BxP.tolist(), 0)
+  devices = data_parallel.auto_num_devices(prompt.shape[0])
   fn = decode_fn(cfg, strategy, max_new_tokens=new, cache_len=prompt.shape[1] + new,
-                 pad_id=0, num_beams=beams)
-  sp = proc.SamplingParams.create(prompt.shape[0])
-  args = (params, jnp.asarray(prompt), jnp.asarray(lens), sp, jax.random.key(0),
+                 pad_id=0, num_beams=beams, num_devices=devices)
+  sp = proc.SamplingParams.create(prompt.shape[0] * beams)
+  args = (data_parallel.replicate(params, devices), jnp.asarray(prompt), jnp.asarray(lens), sp, jax.random.key(0),
           (np.float32(1.0), np.int32(1)))
   t = time.perf_counter()
   compiled = fn.lower(*args).compile()
@@ -93,7 +106,7 @@ def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int):
     t = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
     return time.perf_counter() - t, np.asarray(out["tokens"])[::beams]
-  return compile_s, run
+  return compile_s, devices, run
 
 
 def interleaved(runners: dict, repeats: int):
@@ -138,9 +151,9 @@ def main(argv):
   del argv
   torch.set_num_threads(_THREADS.value)
   rows = []
-  header = (f"{'model':8} {'case':10} {'HF tok/s':>9} {'moelab tok/s':>12} {'ratio':>6} "
-            f"{'no-cache tok/s':>14} {'compile s':>9} {'same':>5}")
-  print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+  header = (f"{'model':8} {'case':10} {'HF tok/s':>9} {'moelab tok/s':>12} {'dev':>3} "
+            f"{'ratio':>6} {'no-cache tok/s':>14} {'compile s':>9} {'same':>5}")
+  print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.local_device_count()} devices), torch {torch.__version__} "
         f"({_THREADS.value} threads), transformers {transformers.__version__}")
   print(header)
   for kind in _MODELS.value:
@@ -151,7 +164,7 @@ def main(argv):
     for case, b, new, beams in [("greedy b1", 1, _NEW.value, 1), ("greedy b8", 8, _NEW.value, 1),
                                 ("beam 4", 1, _BEAM_NEW.value, 4)]:
       prompt = rng.integers(3, ARCH["vocab_size"], (b, _PROMPT.value)).astype(np.int32)
-      comp_s, ml_run = moelab_runner(cfg, params, prompt, new, beams)
+      comp_s, devices, ml_run = moelab_runner(cfg, params, prompt, new, beams)
       res = interleaved({"hf": hf_runner(hf, prompt, new, beams), "moelab": ml_run},
                         _REPEATS.value)
       (hf_s, hf_tokens), (ml_s, ml_tokens) = res["hf"], res["moelab"]
@@ -161,10 +174,11 @@ def main(argv):
         nc = b * new / nc_s
         assert (nc_tokens == ml_tokens).mean() > 0.9
       row = dict(model=kind, case=case, hf_tok_s=b * new / hf_s, moelab_tok_s=b * new / ml_s,
+                 devices=devices,
                  ratio=hf_s / ml_s, no_cache_tok_s=nc, compile_s=comp_s, repeats=_REPEATS.value,
                  same=bool((hf_tokens == ml_tokens[:, :hf_tokens.shape[1]]).all()))
       rows.append(row)
-      print(f"{kind:8} {case:10} {row['hf_tok_s']:9.0f} {row['moelab_tok_s']:12.0f} "
+      print(f"{kind:8} {case:10} {row['hf_tok_s']:9.0f} {row['moelab_tok_s']:12.0f} {devices:3d} "
             f"{row['ratio']:6.1f} {nc:14.0f} {comp_s:9.2f} {str(row['same']):>5}", flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:

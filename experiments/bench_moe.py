@@ -29,12 +29,10 @@ sharded program, not a speedup.
 """
 
 import os
-import sys
 
-if "jax" not in sys.modules:  # fake CPU devices for the expert-parallel columns
-  _n = next((a.split("=")[1] for a in sys.argv if a.startswith("--devices=")), "8")
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={_n}").strip()
+from experiments import host_devices
+
+host_devices.request("devices", 8)  # fake CPU devices for the expert-parallel columns
 
 import json  # noqa: E402
 import time  # noqa: E402

@@ -15,14 +15,21 @@ otherwise the byte tokenizer (ids 0-255 = bytes), with BOS/EOS/PAD ids from
 config.json. Prints every completion with its log-probability; `--output`
 writes one JSON object per completion (`prompt_index`, `sample`, `tokens`
 (generated ids), `text`, `logprob`, `score`).
+
+On CPU the script starts one JAX device per core (`--host_devices`), and a
+batch of prompts or samples is split over them (decode/data_parallel.py).
 """
 
 import json
 import os
 
-from absl import app, flags
+from experiments import host_devices
 
-from decode.generate import STRATEGIES, generate
+_CORES = host_devices.request("host_devices", os.cpu_count() or 1)
+
+from absl import app, flags  # noqa: E402
+
+from decode.generate import STRATEGIES, generate  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "moelab run directory.")
 _HF_MODEL = flags.DEFINE_string("hf_model", None, "HF checkpoint dir (config.json + safetensors).")
@@ -47,6 +54,7 @@ _NUM_RETURN = flags.DEFINE_integer("num_return_sequences", 1, "Hypotheses per pr
 _STOP_IDS = flags.DEFINE_list("stop_ids", [], "Extra stop token ids.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write completions to this JSONL file.")
+flags.DEFINE_integer("host_devices", _CORES, "JAX CPU devices (read before jax starts).")
 
 
 class ByteTokenizer:

@@ -101,7 +101,7 @@ def test_sampling_frequencies_match_processed_distribution():
   sp = proc.SamplingParams.create(n, **kw)
   rows = jnp.broadcast_to(jnp.asarray(logits), (n, logits.shape[1]))
   draws = jax.jit(lambda x, p, r: choose_tokens(x, p, None, r, strategy="sample",
-                                                active=sp.active()))(rows, sp, jax.random.key(0))
+                                                active=sp.active()))(rows, sp, jax.random.split(jax.random.key(0), n))
   probs = np.asarray(jax.nn.softmax(_ours(logits, **kw)[0])).astype(np.float64)
   probs /= probs.sum()
   counts = np.bincount(np.asarray(draws), minlength=logits.shape[1])
