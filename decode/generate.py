@@ -76,9 +76,10 @@ class GenerateOutput:
 
 
 def make_step_fn(cfg: ModelConfig, params):
-  """step_fn(tokens_BxL, positions_BxL, cache) -> (logits_BxLxV, cache)."""
+  """step_fn(tokens_BxL, positions_BxL, cache, fresh=False) -> (logits_BxLxV, cache)."""
   model = Decoder(cfg)
-  return lambda t, p, c: model.apply({"params": params}, t, p, c, method=Decoder.decode)
+  return lambda t, p, c, fresh=False: model.apply({"params": params}, t, p, c, fresh,
+                                                  method=Decoder.decode)
 
 
 @functools.lru_cache(maxsize=64)

@@ -39,10 +39,11 @@ class Block(nn.Module):
   moe: bool
 
   @nn.compact
-  def __call__(self, h_BxLxD, positions_BxL, train: bool = False, cache=None):
+  def __call__(self, h_BxLxD, positions_BxL, train: bool = False, cache=None,
+               fresh: bool = False):
     cfg = self.cfg
     a, cache = Attention(cfg, name="attn")(
-        RMSNorm(cfg.norm_eps, name="attn_norm")(h_BxLxD), positions_BxL, cache)
+        RMSNorm(cfg.norm_eps, name="attn_norm")(h_BxLxD), positions_BxL, cache, fresh)
     h_BxLxD = h_BxLxD + a
     x = RMSNorm(cfg.norm_eps, name="ffn_norm")(h_BxLxD)
     if self.moe:
@@ -89,12 +90,16 @@ class Decoder(nn.Module):
         stats.append(s)
     return self.logits(h), collect_aux(stats, self.cfg)
 
-  def decode(self, tokens_BxL, positions_BxL, cache):
-    """Cached forward: (logits_BxLxV, cache with the L new tokens written)."""
+  def decode(self, tokens_BxL, positions_BxL, cache, fresh: bool = False):
+    """Cached forward: (logits_BxLxV, cache with the L new tokens written).
+
+    fresh: the cache holds nothing before these tokens (prefill from position
+    0); attention then stays within the L tokens (model/attention.py).
+    """
     h = self.embed_tokens(tokens_BxL)
     layers = []
     for block, layer in zip(self.blocks, cache.layers):
-      h, _, layer = block(h, positions_BxL, False, layer)
+      h, _, layer = block(h, positions_BxL, False, layer, fresh)
       layers.append(layer)
     return self.logits(h), cache.replace_layers(layers)
 

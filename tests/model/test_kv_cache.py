@@ -30,16 +30,19 @@ def test_update_rows_writes_each_row_at_its_own_offset():
   np.testing.assert_array_equal(buf, 0)  # functional: input untouched
 
 
+@pytest.mark.parametrize("fresh", [False, True], ids=["prefill-reads-cache", "prefill-fresh"])
 @pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
-def test_cached_decode_matches_full_forward_at_every_position(cfg):
+def test_cached_decode_matches_full_forward_at_every_position(cfg, fresh):
+  """Prefill (fresh: attention within the prompt only) + one-token steps."""
   model, params = _init(cfg)
   b, length, prefix = 2, 12, 5
   tokens = jax.random.randint(jax.random.key(1), (b, length), 0, cfg.vocab_size)
   full, _ = jax.jit(model.apply)({"params": params}, tokens)
   cache = KVCache.init(cfg, b, 16)
   pos = jnp.broadcast_to(jnp.arange(length), (b, length))
-  step = jax.jit(lambda t, p, c: model.apply({"params": params}, t, p, c, method=Decoder.decode))
-  logits, cache = step(tokens[:, :prefix], pos[:, :prefix], cache)
+  step = jax.jit(lambda t, p, c, f=False: model.apply({"params": params}, t, p, c, f,
+                                                      method=Decoder.decode), static_argnums=3)
+  logits, cache = step(tokens[:, :prefix], pos[:, :prefix], cache, fresh)
   got = [logits]
   for i in range(prefix, length):
     logits, cache = step(tokens[:, i:i + 1], pos[:, i:i + 1], cache)
