@@ -14,8 +14,9 @@ exactly the requested number of tokens. Rows:
 
 Columns: HF tokens/s, moelab tokens/s (compiled run; compilation timed
 separately; each the median of --repeats runs taken alternately, HF then
-moelab, after a warm-up of each), their ratio, moelab's no-cache recompute baseline (a full
-forward over the whole fixed-width sequence for every new token, greedy only)
+moelab, after a warm-up of each), their ratio, moelab's no-cache recompute
+baseline (a full forward over the whole fixed-width sequence for every new
+token, greedy only)
 and whether both produced the same tokens.
 
 Both sides get the same cores: HF runs with `torch.set_num_threads(threads)`
@@ -88,15 +89,18 @@ def hf_runner(hf, prompt_BxP, new: int, beams: int):
 
 
 def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int):
-  """Compiles (timed) and warms up; returns (compile_s, run() -> (seconds, tokens))."""
+  """Compiles (timed) and warms up.
+
+  Returns (compile_s, devices the rows are split over, run() -> (seconds, tokens)).
+  """
   strategy = "beam" if beams > 1 else "greedy"
   prompt, lens = pad_prompts(prompt_BxP.tolist(), 0)
   devices = data_parallel.auto_num_devices(prompt.shape[0])
   fn = decode_fn(cfg, strategy, max_new_tokens=new, cache_len=prompt.shape[1] + new,
                  pad_id=0, num_beams=beams, num_devices=devices)
   sp = proc.SamplingParams.create(prompt.shape[0] * beams)
-  args = (data_parallel.replicate(params, devices), jnp.asarray(prompt), jnp.asarray(lens), sp, jax.random.key(0),
-          (np.float32(1.0), np.int32(1)))
+  args = (data_parallel.replicate(params, devices), jnp.asarray(prompt), jnp.asarray(lens), sp,
+          jax.random.key(0), (np.float32(1.0), np.int32(1)))
   t = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t
@@ -153,8 +157,9 @@ def main(argv):
   rows = []
   header = (f"{'model':8} {'case':10} {'HF tok/s':>9} {'moelab tok/s':>12} {'dev':>3} "
             f"{'ratio':>6} {'no-cache tok/s':>14} {'compile s':>9} {'same':>5}")
-  print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.local_device_count()} devices), torch {torch.__version__} "
-        f"({_THREADS.value} threads), transformers {transformers.__version__}")
+  print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.local_device_count()} devices), "
+        f"torch {torch.__version__} ({_THREADS.value} threads), "
+        f"transformers {transformers.__version__}")
   print(header)
   for kind in _MODELS.value:
     hf = hf_model(kind)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decode.generate import generate
+from decode import processors as proc
+from decode.generate import decode_fn, generate
 from model.config import ModelConfig
 from model.transformer import Decoder
 
@@ -103,8 +104,6 @@ def test_compiled_decode_loop_never_copies_the_kv_cache(params, batch, strategy)
   with the CPU copy-insertion option of decode_fn the write is in place. A
   copy of a [B, T, K, E] buffer anywhere in the program would be a per-step
   (or per-call) copy of the whole cache."""
-  from decode import processors as proc
-  from decode.generate import decode_fn
   prompt_len, new = 8, 6
   fn = decode_fn(CFG, strategy, max_new_tokens=new, cache_len=prompt_len + new)
   args = (params, jnp.ones((batch, prompt_len), jnp.int32),
