@@ -76,10 +76,11 @@ class GenerateOutput:
 
 
 def make_step_fn(cfg: ModelConfig, params):
-  """step_fn(tokens_BxL, positions_BxL, cache, fresh=False) -> (logits_BxLxV, cache)."""
+  """step_fn(tokens_BxL, positions_BxL, cache, fresh=False, logits_at_B=None)
+  -> (logits_BxLxV, cache); see `Decoder.decode` and decode/prefill.py."""
   model = Decoder(cfg)
-  return lambda t, p, c, fresh=False: model.apply({"params": params}, t, p, c, fresh,
-                                                  method=Decoder.decode)
+  return lambda t, p, c, fresh=False, logits_at_B=None: model.apply(
+      {"params": params}, t, p, c, fresh, logits_at_B, method=Decoder.decode)
 
 
 @functools.lru_cache(maxsize=64)

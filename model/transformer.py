@@ -90,17 +90,23 @@ class Decoder(nn.Module):
         stats.append(s)
     return self.logits(h), collect_aux(stats, self.cfg)
 
-  def decode(self, tokens_BxL, positions_BxL, cache, fresh: bool = False):
+  def decode(self, tokens_BxL, positions_BxL, cache, fresh: bool = False, logits_at_B=None):
     """Cached forward: (logits_BxLxV, cache with the L new tokens written).
 
     fresh: the cache holds nothing before these tokens (prefill from position
     0); attention then stays within the L tokens (model/attention.py).
+    logits_at_B: if given, only row b's position logits_at_B[b] along L is
+    unembedded and logits_Bx1xV is returned (prefill needs the last prompt
+    token only; at a 32k vocabulary the full [B, L, V] unembedding would cost
+    more than the whole prompt's layers).
     """
     h = self.embed_tokens(tokens_BxL)
     layers = []
     for block, layer in zip(self.blocks, cache.layers):
       h, _, layer = block(h, positions_BxL, False, layer, fresh)
       layers.append(layer)
+    if logits_at_B is not None:
+      h = jnp.take_along_axis(h, logits_at_B.astype(jnp.int32)[:, None, None], axis=1)
     return self.logits(h), cache.replace_layers(layers)
 
 

@@ -105,3 +105,18 @@ def test_cached_attention_equals_grouped_attention_over_the_concatenation():
                 jnp.concatenate([cache_mask, new_mask], -1))
   np.testing.assert_allclose(jax.jit(attend_cached)(q, k, v, cache_mask, kn, vn, new_mask),
                              want, atol=1e-5)
+
+
+def test_logits_at_returns_only_the_requested_position_of_each_row():
+  """Prefill's logits_at_B: row b's logits at position logits_at_B[b] only."""
+  model, params = _init(DENSE)
+  b, length = 3, 9
+  tokens = jax.random.randint(jax.random.key(2), (b, length), 0, DENSE.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(length), (b, length))
+  full, _ = model.apply({"params": params}, tokens, pos, KVCache.init(DENSE, b, 16), True,
+                        method=Decoder.decode)
+  at = jnp.array([8, 0, 4])
+  one, cache = model.apply({"params": params}, tokens, pos, KVCache.init(DENSE, b, 16), True,
+                           at, method=Decoder.decode)
+  assert one.shape == (b, 1, DENSE.vocab_size)
+  np.testing.assert_allclose(one[:, 0], full[jnp.arange(b), at], atol=1e-6, rtol=1e-6)
