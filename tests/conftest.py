@@ -4,12 +4,27 @@ Many tests compile the same tiny programs (a train step per run in the
 resume test, the same model in several tests); the cache turns repeats into
 loads. It lives in a fresh temporary directory per session (subprocesses
 inherit it through the environment), so nothing stale carries across runs.
+
+Fixture `corpus`: a tiny local text corpus (tests make their own data).
 """
 
 import os
 import tempfile
 
+import pytest
+
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                tempfile.mkdtemp(prefix="moelab-xla-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  """Glob of 12 small Python-like text files (about 15 kB) under tmp_path."""
+  d = tmp_path / "corpus"
+  d.mkdir()
+  for i in range(12):
+    (d / f"f{i:02d}.txt").write_text(
+        "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(40)))
+  return str(d / "*.txt")

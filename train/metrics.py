@@ -2,7 +2,9 @@
 TensorBoard event files in `workdir/tb/` (tensorboardX writer).
 
 Scalars go to both; per-expert vectors (lists) go to JSONL only, where the
-plots (experiments/plots.py) read them back.
+plots (experiments/plots.py) read them back. In a multi-process run only
+process 0 writes (`enabled=False` elsewhere): every process computes the same
+replicated metrics, and N writers would append every row N times.
 """
 
 import json
@@ -18,14 +20,22 @@ def _py(v):
 
 
 class MetricWriter:
-  """write(step, split, {name: scalar or array}) -> JSONL + TensorBoard."""
+  """write(step, split, {name: scalar or array}) -> JSONL + TensorBoard.
 
-  def __init__(self, workdir: str):
+  enabled=False: a writer that writes nothing (processes other than 0).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, split: str, metrics: dict) -> None:
+    if not self.enabled:
+      return
     row = {"step": int(step), "split": split}
     for k, v in metrics.items():
       row[k] = _py(v)
@@ -35,6 +45,8 @@ class MetricWriter:
     self._jsonl.flush()
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self._jsonl.close()
     self._tb.close()
 

@@ -63,7 +63,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
 
 def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | None,
                         progress: bool) -> dict:
-  checkpoint.write_config(workdir, run.to_dict())
+  writes_files = jax.process_index() == 0  # one writer for the run's metrics and config
+  if writes_files:
+    checkpoint.write_config(workdir, run.to_dict())
   ds = data.load(run.data.path, run.data.seq_len, run.data.val_percent)
   logging.info("corpus: %d train files (%d tokens), %d val files", ds.num_train_files,
                ds.num_train_tokens, ds.num_val_files)
@@ -82,7 +84,7 @@ def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | No
   train_step = step_lib.jit_train_step(
       model, tx, out_shardings=(state_shardings, mesh_lib.replicated(mesh)))
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, enabled=writes_files)
   tokens_per_step = run.data.batch_size * run.data.seq_len
   lr_schedule = optimizer.schedule(run.optimizer, run.train.steps)
   last = min(run.train.steps, stop_after) if stop_after is not None else run.train.steps

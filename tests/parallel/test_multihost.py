@@ -1,6 +1,7 @@
 """Multi-host training: two processes x 4 CPU devices joined by jax.distributed
 (`experiments.train --coordinator_address ...`), one (data=2, expert=4) mesh."""
 
+import json
 import os
 import socket
 import subprocess
@@ -20,15 +21,10 @@ def free_port() -> int:
 
 
 @pytest.mark.slow  # ~30-50 s on 2 cores: two jax processes compile the train step
-def test_two_processes_train_one_expert_parallel_run(tmp_path):
-  corpus = tmp_path / "corpus"
-  corpus.mkdir()
-  for i in range(8):
-    (corpus / f"f{i}.txt").write_text("".join(f"def f{i}_{j}(x):\n  return x * {j}\n"
-                                              for j in range(30)))
+def test_two_processes_train_one_expert_parallel_run(tmp_path, corpus):
   workdir = tmp_path / "run"
   flags = [f"--workdir={workdir}", "--config=configs/moe_tiny.py",
-           f"--config.data.path={corpus}/*.txt", "--config.data.seq_len=16",
+           f"--config.data.path={corpus}", "--config.data.seq_len=16",
            "--config.data.batch_size=8", "--config.data.val_percent=20",
            "--config.model.d_model=32", "--config.model.num_layers=2",
            "--config.model.ffn_dim=64", "--config.model.moe_ffn_dim=64",
@@ -48,6 +44,9 @@ def test_two_processes_train_one_expert_parallel_run(tmp_path):
     assert p.returncode == 0, out[-4000:]
   assert '"final_step": 2' in outs[0]  # process 0 prints the summary
   assert (workdir / "checkpoints" / "2").is_dir()
+  # Only process 0 writes metrics: train rows at steps 1 and 2, one eval row.
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "eval")]
 
 
 @pytest.mark.parametrize("coordinator,num,pid,match", [

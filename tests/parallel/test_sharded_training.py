@@ -63,16 +63,11 @@ def test_sharded_train_step_matches_unsharded(data, expert, dispatch):
 
 
 @pytest.fixture
-def tiny_run(tmp_path):
-  d = tmp_path / "corpus"
-  d.mkdir()
-  for i in range(8):
-    (d / f"f{i}.txt").write_text("".join(f"def f{i}_{j}(x):\n  return x * {j}\n"
-                                         for j in range(30)))
+def tiny_run(corpus):
   c = base.get_config()
   c.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, ffn_dim=64,
                  num_experts=8, moe_top_k=2)
-  c.data.update(path=str(d / "*.txt"), seq_len=16, batch_size=8, val_percent=20)
+  c.data.update(path=corpus, seq_len=16, batch_size=8, val_percent=20)
   c.train.update(steps=4, log_every=2, eval_every=4, eval_batches=1)
   c.optimizer.update(warmup_steps=1)
   c.checkpoint.update(every=2, keep=2)

@@ -1,18 +1,8 @@
-"""A tiny local corpus and a tiny run config shared by the training tests."""
+"""A tiny run config shared by the training tests (corpus: tests/conftest.py)."""
 
 import pytest
 
 from configs import base
-
-
-@pytest.fixture
-def corpus(tmp_path):
-  d = tmp_path / "corpus"
-  d.mkdir()
-  for i in range(12):
-    (d / f"f{i:02d}.txt").write_text(
-        "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(40)))
-  return str(d / "*.txt")
 
 
 @pytest.fixture
