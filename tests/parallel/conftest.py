@@ -1,11 +1,12 @@
 """Eight fake CPU devices for the multi-device tests in this directory.
 
 XLA reads `--xla_force_host_platform_device_count` when jax starts its CPU
-backend, so the flag is added here when jax has not been imported yet, which is
-the case for `python -m pytest tests/parallel`. In a full run (`python -m
-pytest`, as in .ci/run) test modules collected earlier have already imported
-jax with one device; then this directory's tests are deselected in-process and
-`test_on_8_devices.py` re-runs the directory in a subprocess with the flag set.
+backend, so the flag is added (in `pytest_configure`, before any test module
+imports jax) when every path given to pytest lies in this directory, as in
+`python -m pytest tests/parallel`. Otherwise the other tests keep their one
+device: this directory's tests are deselected in-process and
+`test_on_8_devices.py` re-runs the directory in a subprocess with the flag
+set (a full run as in .ci/run, or `pytest tests/train tests/parallel`).
 Either way these tests run on 8 devices, never silently on one.
 """
 
@@ -17,16 +18,21 @@ XLA_FLAG = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
 RUNNER = "test_on_8_devices.py"
 # Modules that start their own processes and need no devices in this one.
 OWN_PROCESSES = ("test_multihost.py",)
-
-if "jax" not in sys.modules:
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}".strip()
-
-import jax  # noqa: E402  (after the flag)
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _inside(arg: str) -> bool:
+  path = os.path.abspath(arg.split("::")[0])
+  return path == HERE or path.startswith(HERE + os.sep)
+
+
+def pytest_configure(config):
+  if config.args and all(_inside(str(a)) for a in config.args) and "jax" not in sys.modules:
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}".strip()
+
+
 def enough_devices() -> bool:
+  import jax  # after pytest_configure has set the flag (or decided not to)
   return jax.device_count() >= NUM_DEVICES
 
 
