@@ -97,8 +97,8 @@ class Decoder(nn.Module):
     0); attention then stays within the L tokens (model/attention.py).
     logits_at_B: if given, only row b's position logits_at_B[b] along L is
     unembedded and logits_Bx1xV is returned (prefill needs the last prompt
-    token only; at a 32k vocabulary the full [B, L, V] unembedding would cost
-    more than the whole prompt's layers).
+    token only; at a 32k vocabulary the full [B, L, V] unembedding costs
+    about as much as all the prompt's layers, see README).
     """
     h = self.embed_tokens(tokens_BxL)
     layers = []
