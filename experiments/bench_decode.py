@@ -16,8 +16,7 @@ Columns: HF tokens/s, moelab tokens/s (compiled run; compilation timed
 separately; each the median of --repeats runs taken alternately, HF then
 moelab, after a warm-up of each), their ratio, moelab's no-cache recompute
 baseline (a full forward over the whole fixed-width sequence for every new
-token, greedy only)
-and whether both produced the same tokens.
+token, greedy only) and whether both produced the same tokens.
 
 Both sides get the same cores: HF runs with `torch.set_num_threads(threads)`
 (intra-op threads); moelab on the JAX CPU backend with `threads` host devices
