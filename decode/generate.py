@@ -39,6 +39,7 @@ from decode.beam_search import beam_search_loop, early_stopping_code, length_pen
 from decode.sampling import STRATEGIES as SAMPLING_STRATEGIES
 from decode.sampling import sample_loop
 from model.config import ModelConfig
+from model import moe
 from model.kv_cache import KVCache
 from model.transformer import Decoder
 
@@ -75,12 +76,51 @@ class GenerateOutput:
     return [t[:n].tolist() for t, n in zip(self.tokens, self.lengths)]
 
 
-def make_step_fn(cfg: ModelConfig, params):
+def make_step_fn(cfg: ModelConfig, params, experts=None):
   """step_fn(tokens_BxL, positions_BxL, cache, fresh=False, logits_at_B=None)
-  -> (logits_BxLxV, cache); see `Decoder.decode` and decode/prefill.py."""
+  -> (logits_BxLxV, cache); see `Decoder.decode` and decode/prefill.py.
+
+  experts: optional per-expert weight buffers (`expert_buffers`), which MoE
+  steps with fewer expert assignments than experts read in place.
+  """
   model = Decoder(cfg)
+  variables = {"params": params}
+  if experts is not None:
+    variables[moe.COLLECTION] = experts
   return lambda t, p, c, fresh=False, logits_at_B=None: model.apply(
-      {"params": params}, t, p, c, fresh, logits_at_B, method=Decoder.decode)
+      variables, t, p, c, fresh, logits_at_B, method=Decoder.decode)
+
+
+def use_split_experts(cfg: ModelConfig, rows_per_step: int) -> bool:
+  """Whether decode steps of `rows_per_step` rows read per-expert buffers.
+
+  Only on CPU, where XLA copies every slice of the stacked expert weights it
+  multiplies, and only when a step has fewer assignments than experts (rows
+  * top-k < E, e.g. batch 1), the case `dispatch.per_expert_moe` serves:
+  there, Mixtral-like batch 1 measured faster (README, "Decode benchmark");
+  with 8 or 16 assignments of 8 experts the expert loop over the stacked
+  weights measured as fast or faster.
+  """
+  return (jax.default_backend() == "cpu" and cfg.num_experts > 0
+          and cfg.moe_mode == "sparse" and cfg.moe_dispatch == "dropless"
+          and rows_per_step * cfg.moe_top_k < cfg.num_experts)
+
+
+def expert_buffers(cfg: ModelConfig, params, rows_per_step: int, num_devices: int = 1):
+  """The `experts` argument of `decode_fn`'s function, or None.
+
+  Every MoE layer's experts as separate arrays (model/moe.py
+  `split_expert_params`) when `use_split_experts`. They are numpy views of
+  the stacked params placed zero-copy on the CPU device(s): no weight is
+  copied, here or in the jitted loop. `rows_per_step`: rows per device
+  times beams.
+  """
+  if not use_split_experts(cfg, rows_per_step):
+    return None
+  views = moe.split_expert_params(jax.tree.map(np.asarray, params))
+  if num_devices == 1:
+    return jax.device_put(views, jax.local_devices()[0])  # zero-copy on CPU
+  return data_parallel.replicate(views, num_devices)
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,7 +128,8 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
               stop_ids: tuple = (), pad_id: int = 0, active: tuple = (), num_beams: int = 1,
               length_penalty_type: str = "hf", min_tokens_to_keep: int = 1,
               num_devices: int = 1):
-  """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng, beam) -> dict.
+  """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng, beam,
+  experts=None) -> dict.
 
   `beam` = (length_penalty float32 [], early_stopping_code int32 []): run-time
   values, so one compilation serves every length penalty. The dict holds
@@ -99,14 +140,15 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
   devices (decode/data_parallel.py): each runs prefill and its own while_loop
   over its block. Sampling keys are per row, split from `rng` before the
   split, so results do not depend on num_devices. Pass params placed by
-  `data_parallel.replicate(params, num_devices)` (`generate` does).
+  `data_parallel.replicate(params, num_devices)` and `experts` from
+  `expert_buffers` (`generate` does both); `experts` changes only speed.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES} (got {strategy!r})")
 
-  def rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam):
+  def rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam, experts):
     b = prompt_BxP.shape[0]
-    step_fn = make_step_fn(cfg, params)
+    step_fn = make_step_fn(cfg, params, experts)
     cache = KVCache.init(cfg, b, cache_len)
     if strategy == "beam":
       s = beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, sp, num_beams=num_beams,
@@ -126,11 +168,11 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
     return {"tokens": s.tokens_BxN, "lengths": s.num_generated_B, "logprobs": s.logprob_B,
             "scores": s.logprob_B}
 
-  rows = data_parallel.split_rows(rows, num_devices, replicated_args=(0, 5))
+  rows = data_parallel.split_rows(rows, num_devices, replicated_args=(0, 5, 6))
 
-  def run(params, prompt_BxP, prompt_len_B, sp, rng, beam):
+  def run(params, prompt_BxP, prompt_len_B, sp, rng, beam, experts=None):
     rng_B = jax.random.split(rng, prompt_BxP.shape[0])
-    return rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam)
+    return rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam, experts)
 
   on_cpu = jax.default_backend() == "cpu"
   return jax.jit(run, compiler_options=COMPILER_OPTIONS if on_cpu else None)
@@ -213,8 +255,10 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                  length_penalty_type=length_penalty_type,
                  min_tokens_to_keep=min_tokens_to_keep, num_devices=num_devices)
   beam = (np.float32(length_penalty), np.int32(early_stopping_code(early_stopping)))
+  rows_per_step = prompt_BxP.shape[0] // num_devices * (num_beams if strategy == "beam" else 1)
+  experts = expert_buffers(cfg, params, rows_per_step, num_devices)
   params = data_parallel.replicate(params, num_devices)
-  out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, jax.random.key(seed), beam))
+  out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, jax.random.key(seed), beam, experts))
   keep = num_return_sequences if strategy == "beam" else rows
   sel = (np.arange(b)[:, None] * rows + np.arange(keep)[None]).reshape(-1)
   return GenerateOutput(tokens=np.asarray(out["tokens"])[sel],

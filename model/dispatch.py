@@ -214,15 +214,57 @@ def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
   return jax.lax.fori_loop(0, num_experts, body, jnp.zeros_like(x_NxD))
 
 
-def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
+def per_expert_moe(x_NxD, expert_NxK, gate_NxK, w_in_E, w_out_E):
+  """Dropless MoE over experts stored as E separate arrays (see `split_experts`).
+
+      y[n] = sum_j gate[n, j] * SwiGLU_{expert[n, j]}(x[n])
+
+  One `lax.switch` per assignment (n, j) picks expert[n, j]'s branch, which
+  multiplies x[n] by that expert's own weight buffers in place. Why: XLA:CPU
+  copies any slice of the stacked [E, ...] weights (gather, static or dynamic
+  slice alike) into a fresh buffer before a dot, so the stacked form reads
+  and writes every chosen expert's weights once more per step; with separate
+  buffers the dot streams them directly (README, "Decode benchmark").
+  For decode steps with N*K < E (e.g. batch 1); `dropless_moe` takes it when
+  given the split weights. A `fori_loop` over the N*K assignments keeps one
+  switch in the program (unrolling measured no faster at batch 1).
+
+  w_in_E, w_out_E: sequences of E arrays [D, 2F] and [F, D].
+  """
+  n, k = expert_NxK.shape
+  branches = [lambda x_1xD, e=e: swiglu(x_1xD @ w_in_E[e]) @ w_out_E[e]
+              for e in range(len(w_in_E))]
+
+  def body(m, y_NxD):
+    i, j = m // k, m % k
+    x_1xD = jax.lax.dynamic_slice_in_dim(x_NxD, i, 1)
+    y_1xD = jax.lax.switch(expert_NxK[i, j], branches, x_1xD)
+    return y_NxD.at[i].add(gate_NxK[i, j].astype(y_1xD.dtype) * y_1xD[0])
+
+  return jax.lax.fori_loop(0, n * k, body, jnp.zeros_like(x_NxD))
+
+
+def split_experts(w_in, w_out):
+  """Stacked expert weights -> (w_in_E, w_out_E): tuples of E separate arrays.
+
+  On CPU, numpy views of the stacked arrays make these without a copy
+  (decode/generate.py `expert_buffers`); under jit the slices are copies.
+  """
+  return tuple(w_in[e] for e in range(w_in.shape[0])), tuple(w_out[e] for e in range(w_out.shape[0]))
+
+
+def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):
   """Sort by expert + grouped matmul (ragged_dot); no token is dropped.
 
   Small N (decode steps), where sort/scatter overhead and weight reads cost
   more than FLOPs: with fewer assignments than experts (N*K < E) only the
-  chosen experts' weights are gathered and applied; otherwise, for N <=
-  SMALL_N, `expert_loop_moe`. All give the same sum.
+  chosen experts' weights are read: in place from `split` = (w_in_E, w_out_E)
+  when given (`per_expert_moe`), else gathered from the stacked weights;
+  otherwise, for N <= SMALL_N, `expert_loop_moe`. All give the same sum.
   """
   n, k = expert_NxK.shape
+  if n * k < w_in.shape[0] and split is not None:
+    return per_expert_moe(x_NxD, expert_NxK, gate_NxK, *split)
   if n * k < w_in.shape[0]:  # fewer assignments than experts: read only theirs
     flat_M = expert_NxK.reshape(-1)
     x_Mx1xD = jnp.repeat(x_NxD, k, axis=0)[:, None]

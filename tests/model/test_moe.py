@@ -154,3 +154,30 @@ def test_dropless_small_and_grouped_paths_equal_capacity(n):
   y_cap, _ = moe_lib.capacity_moe(x, expert, gate, w_in, w_out, capacity=2 * n)
   np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out), y_cap,
                              atol=1e-5)
+  # With the per-expert buffers too (`per_expert_moe` when N*K < E).
+  split = dispatch.split_experts(w_in, w_out)
+  np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out, split), y_cap,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_experts_collection_is_read_exactly_when_assignments_are_fewer_than_experts(n):
+  """MoE with the `experts` collection (per-expert buffers): the same output;
+  and proof the buffers are what is read: zeroed buffers zero the output
+  when N*K < E, and change nothing when the stacked path runs."""
+  cfg = ModelConfig(d_model=D, num_heads=1, num_kv_heads=1, ffn_dim=F, num_experts=8,
+                    moe_top_k=2, moe_dispatch="dropless", vocab_size=11)
+  x = jax.random.normal(jax.random.key(3), (1, n, D))
+  layer = moe_lib.MoE(cfg)
+  params = layer.init(jax.random.key(0), x)["params"]
+  y, _ = layer.apply({"params": params}, x)
+  experts = moe_lib.split_expert_params({"moe": params})["moe"]
+  assert len(experts["w_in"]) == 8 and experts["w_in"][3].shape == (D, 2 * F)
+  y_split, _ = layer.apply({"params": params, moe_lib.COLLECTION: experts}, x)
+  np.testing.assert_allclose(y_split, y, atol=1e-5)
+  zeros = jax.tree.map(jnp.zeros_like, experts)
+  y_zero, _ = layer.apply({"params": params, moe_lib.COLLECTION: zeros}, x)
+  if n * 2 < 8:
+    np.testing.assert_array_equal(y_zero, 0.0)
+  else:
+    np.testing.assert_allclose(y_zero, y, atol=1e-5)
