@@ -174,7 +174,7 @@ def grouped_ffn(x_MxD, w_in, w_out, group_sizes_E, expected_rows: int | None = N
 SMALL_N = 64
 
 
-def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
+def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):
   """Small-N dropless MoE: one expert at a time, on its own tokens only.
 
   A `lax.fori_loop` over the E experts. Expert e has c_e of the N tokens; its
@@ -186,6 +186,11 @@ def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
   bound by reading expert weights, and XLA:CPU's matmuls stream weights
   fastest with few rows (the dense all-experts form reads every expert with
   N rows and is E/K times the FLOPs).
+
+  split: optional (w_in_E, w_out_E), the experts as separate arrays
+  (`split_experts`). The loop over experts is then unrolled, each expert's
+  matmuls reading its own buffer in place instead of a copied slice of the
+  stacked weights.
   """
   n, d = x_NxD.shape
   num_experts = w_in.shape[0]
@@ -198,20 +203,27 @@ def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
   gate_pad = jnp.concatenate([gate_NxE, jnp.zeros((1, num_experts), gate_NxE.dtype)])
   buckets = tuple(sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)}))
 
-  def run_expert(e, m):
+  def run_expert(e, m, w_in_e, w_out_e):
     def apply(y_NxD):
       rows_m = jnp.where(jnp.arange(m) < count_E[e], tokens_ExN[e, :m], n)
-      h = swiglu(x_pad[rows_m] @ w_in[e])
-      out_mxD = (h @ w_out[e]) * gate_pad[rows_m, e][:, None].astype(h.dtype)
+      h = swiglu(x_pad[rows_m] @ w_in_e)
+      out_mxD = (h @ w_out_e) * gate_pad[rows_m, e][:, None].astype(h.dtype)
       return y_NxD.at[rows_m].add(out_mxD.astype(y_NxD.dtype), mode="drop")
     return apply
 
-  def body(e, y_NxD):
+  def body(e, y_NxD, w_in_e, w_out_e):
     # 0: skip; b + 1: the b-th bucket, the first with room for count_E[e] rows.
     branch = jnp.where(count_E[e] == 0, 0, 1 + jnp.sum(jnp.asarray(buckets) < count_E[e]))
-    return jax.lax.switch(branch, [lambda y: y] + [run_expert(e, m) for m in buckets], y_NxD)
+    return jax.lax.switch(branch, [lambda y: y] + [run_expert(e, m, w_in_e, w_out_e)
+                                                   for m in buckets], y_NxD)
 
-  return jax.lax.fori_loop(0, num_experts, body, jnp.zeros_like(x_NxD))
+  if split is None:
+    return jax.lax.fori_loop(0, num_experts, lambda e, y: body(e, y, w_in[e], w_out[e]),
+                             jnp.zeros_like(x_NxD))
+  y_NxD = jnp.zeros_like(x_NxD)
+  for e in range(num_experts):
+    y_NxD = body(e, y_NxD, split[0][e], split[1][e])
+  return y_NxD
 
 
 def per_expert_moe(x_NxD, expert_NxK, gate_NxK, w_in_E, w_out_E):
@@ -260,7 +272,8 @@ def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):
   more than FLOPs: with fewer assignments than experts (N*K < E) only the
   chosen experts' weights are read: in place from `split` = (w_in_E, w_out_E)
   when given (`per_expert_moe`), else gathered from the stacked weights;
-  otherwise, for N <= SMALL_N, `expert_loop_moe`. All give the same sum.
+  otherwise, for N <= SMALL_N, `expert_loop_moe` (over `split` if given).
+  All give the same sum.
   """
   n, k = expert_NxK.shape
   if n * k < w_in.shape[0] and split is not None:
@@ -271,7 +284,7 @@ def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):
     y_Mx1xD = expert_ffn(x_Mx1xD, w_in[flat_M], w_out[flat_M])
     return combine(rearrange(y_Mx1xD, "(n k) 1 d -> n k d", k=k), gate_NxK)
   if n <= SMALL_N:
-    return expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out)
+    return expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split)
   order_M, group_sizes_E = sort_by_expert(expert_NxK, w_in.shape[0])
   y_sorted_MxD = grouped_ffn(x_NxD[order_M // k], w_in, w_out, group_sizes_E)
   y_MxD = jnp.zeros_like(y_sorted_MxD).at[order_M].set(y_sorted_MxD, unique_indices=True)

@@ -120,13 +120,14 @@ def test_compiled_decode_loop_never_copies_the_kv_cache(params, batch, strategy)
 
 
 def test_per_expert_buffers_are_views_and_decode_the_same(params):
-  """Batch 1 (1 x top-2 < 4 experts) on CPU decodes with per-expert buffers
+  """Batch 1 and 2 (rows x top-2 <= 4 experts) on CPU decode with per-expert buffers
   (`expert_buffers`): numpy views of the stacked weights placed zero-copy,
-  giving the same tokens and log-probabilities as the stacked weights."""
+  giving (per-assignment switch at batch 1, unrolled expert loop at batch 2)
+  the same tokens and log-probabilities as the stacked weights."""
   if jax.default_backend() != "cpu":
     pytest.skip("per-expert buffers are a CPU path (needs the CPU backend)")
   params = jax.device_put(params)
-  assert expert_buffers(CFG, params, rows_per_step=2) is None  # 2 x 2 assignments = 4 experts
+  assert expert_buffers(CFG, params, rows_per_step=3) is None  # 3 x top-2 > 4 experts
   experts = expert_buffers(CFG, params, rows_per_step=1)
   w_in = params["block_1"]["moe"]["w_in"]
   views = experts["block_1"]["moe"]["w_in"]
@@ -134,8 +135,10 @@ def test_per_expert_buffers_are_views_and_decode_the_same(params):
   for e, v in enumerate(views):
     assert v.unsafe_buffer_pointer() == w_in.unsafe_buffer_pointer() + e * v.nbytes
   fn = decode_fn(CFG, "greedy", max_new_tokens=10, cache_len=16)
-  args = (params, jnp.asarray([[5, 7, 9, 11, 2, 0, 0, 0]]), jnp.asarray([5]),
-          proc.SamplingParams.create(1), jax.random.key(0), (np.float32(1.0), np.int32(1)))
-  split, stacked = fn(*args, experts), fn(*args)
-  np.testing.assert_array_equal(split["tokens"], stacked["tokens"])
-  np.testing.assert_allclose(split["logprobs"], stacked["logprobs"], rtol=1e-5)
+  for prompt, lens in [([[5, 7, 9, 11, 2, 0, 0, 0]], [5]),
+                       ([[5, 7, 9, 11, 2, 0, 0, 0], [3, 1, 4, 1, 5, 9, 2, 6]], [5, 8])]:
+    args = (params, jnp.asarray(prompt), jnp.asarray(lens), proc.SamplingParams.create(len(lens)),
+            jax.random.key(0), (np.float32(1.0), np.int32(1)))
+    split, stacked = fn(*args, experts), fn(*args)
+    np.testing.assert_array_equal(split["tokens"], stacked["tokens"])
+    np.testing.assert_allclose(split["logprobs"], stacked["logprobs"], rtol=1e-5)
