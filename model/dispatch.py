@@ -272,10 +272,14 @@ def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):
   more than FLOPs: with fewer assignments than experts (N*K < E) only the
   chosen experts' weights are read: in place from `split` = (w_in_E, w_out_E)
   when given (`per_expert_moe`), else gathered from the stacked weights;
-  otherwise, for N <= SMALL_N, `expert_loop_moe` (over `split` if given).
+  otherwise, for N <= SMALL_N, `expert_loop_moe` (over `split` if given and
+  N*K <= E; more assignments, e.g. a prefill, use the stacked weights: the
+  unrolled loop is measured no faster there and compiles E times the code).
   All give the same sum.
   """
   n, k = expert_NxK.shape
+  if n * k > w_in.shape[0]:
+    split = None  # per-expert buffers only where measured faster (decode/generate.py)
   if n * k < w_in.shape[0] and split is not None:
     return per_expert_moe(x_NxD, expert_NxK, gate_NxK, *split)
   if n * k < w_in.shape[0]:  # fewer assignments than experts: read only theirs
