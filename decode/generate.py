@@ -97,7 +97,8 @@ def use_split_experts(cfg: ModelConfig, rows_per_step: int) -> bool:
   Only on CPU, where XLA copies every slice of the stacked expert weights it
   multiplies, and only when a step has at most E assignments (rows * top-k
   <= E). Mixtral-like (E 8, top-2), interleaved A/B in one process, paired
-  median speed-up of the decode: batch 1 1.14x, 4 rows on one device 1.12x,
+  median speed-up of the decode: batch 1 0.95-1.14x (six runs, median
+  1.06x), beam 4 1.20x, 4 rows on one device 1.12x,
   batch 8 split 4 + 4 over two devices 1.17x, batch 2 over two devices 1.46x;
   but 8 rows on one device (16 assignments) 0.86x: there the stacked path's
   slice copies, which XLA spreads over the idle core, win (README).
