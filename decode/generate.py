@@ -96,12 +96,12 @@ def use_split_experts(cfg: ModelConfig, rows_per_step: int) -> bool:
 
   Only on CPU, where XLA copies every slice of the stacked expert weights it
   multiplies, and only when a step has at most E assignments (rows * top-k
-  <= E). Mixtral-like (E 8, top-2), interleaved A/B in one process, paired
-  median speed-up of the decode: batch 1 0.95-1.14x (six runs, median
-  1.06x), beam 4 1.20x, 4 rows on one device 1.12x,
-  batch 8 split 4 + 4 over two devices 1.17x, batch 2 over two devices 1.46x;
-  but 8 rows on one device (16 assignments) 0.86x: there the stacked path's
-  slice copies, which XLA spreads over the idle core, win (README).
+  <= E), where `dispatch.per_expert_moe` reads them in place. Mixtral-like
+  (E 8, top-2), interleaved A/B in one process, paired median speed-up of
+  the whole decode over the stacked path: batch 1 0.95-1.14x (six runs,
+  median 1.06x), 4 rows on one device 1.15x, batch 8 split 4 + 4 over two
+  devices 1.41x; 8 rows on one device (16 assignments) 0.98x, so those keep
+  the stacked path, whose slice copies XLA spreads over the idle core.
   """
   return (jax.default_backend() == "cpu" and cfg.num_experts > 0
           and cfg.moe_mode == "sparse" and cfg.moe_dispatch == "dropless"

@@ -15,7 +15,8 @@ Three interchangeable implementations of that sum:
   grouped matmul (`kernels.grouped_matmul`), unsort and combine. Nothing is dropped
   (MegaBlocks, Gale et al. 2022). Decode-sized N takes `expert_loop_moe`
   (one expert at a time on its own tokens, unused experts skipped) or, with
-  fewer assignments than experts, a gather of the chosen experts' weights.
+  fewer assignments than experts, a gather of the chosen experts' weights;
+  given the experts as separate buffers (CPU decoding), `per_expert_moe`.
 * `dense_moe`: every expert on every token, weighted by softmax over all E
   (moe_mode='dense').
 
@@ -174,7 +175,7 @@ def grouped_ffn(x_MxD, w_in, w_out, group_sizes_E, expected_rows: int | None = N
 SMALL_N = 64
 
 
-def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):
+def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
   """Small-N dropless MoE: one expert at a time, on its own tokens only.
 
   A `lax.fori_loop` over the E experts. Expert e has c_e of the N tokens; its
@@ -186,11 +187,6 @@ def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):
   bound by reading expert weights, and XLA:CPU's matmuls stream weights
   fastest with few rows (the dense all-experts form reads every expert with
   N rows and is E/K times the FLOPs).
-
-  split: optional (w_in_E, w_out_E), the experts as separate arrays
-  (`split_experts`). The loop over experts is then unrolled, each expert's
-  matmuls reading its own buffer in place instead of a copied slice of the
-  stacked weights.
   """
   n, d = x_NxD.shape
   num_experts = w_in.shape[0]
@@ -203,27 +199,20 @@ def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):
   gate_pad = jnp.concatenate([gate_NxE, jnp.zeros((1, num_experts), gate_NxE.dtype)])
   buckets = tuple(sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)}))
 
-  def run_expert(e, m, w_in_e, w_out_e):
+  def run_expert(e, m):
     def apply(y_NxD):
       rows_m = jnp.where(jnp.arange(m) < count_E[e], tokens_ExN[e, :m], n)
-      h = swiglu(x_pad[rows_m] @ w_in_e)
-      out_mxD = (h @ w_out_e) * gate_pad[rows_m, e][:, None].astype(h.dtype)
+      h = swiglu(x_pad[rows_m] @ w_in[e])
+      out_mxD = (h @ w_out[e]) * gate_pad[rows_m, e][:, None].astype(h.dtype)
       return y_NxD.at[rows_m].add(out_mxD.astype(y_NxD.dtype), mode="drop")
     return apply
 
-  def body(e, y_NxD, w_in_e, w_out_e):
+  def body(e, y_NxD):
     # 0: skip; b + 1: the b-th bucket, the first with room for count_E[e] rows.
     branch = jnp.where(count_E[e] == 0, 0, 1 + jnp.sum(jnp.asarray(buckets) < count_E[e]))
-    return jax.lax.switch(branch, [lambda y: y] + [run_expert(e, m, w_in_e, w_out_e)
-                                                   for m in buckets], y_NxD)
+    return jax.lax.switch(branch, [lambda y: y] + [run_expert(e, m) for m in buckets], y_NxD)
 
-  if split is None:
-    return jax.lax.fori_loop(0, num_experts, lambda e, y: body(e, y, w_in[e], w_out[e]),
-                             jnp.zeros_like(x_NxD))
-  y_NxD = jnp.zeros_like(x_NxD)
-  for e in range(num_experts):
-    y_NxD = body(e, y_NxD, split[0][e], split[1][e])
-  return y_NxD
+  return jax.lax.fori_loop(0, num_experts, body, jnp.zeros_like(x_NxD))
 
 
 def per_expert_moe(x_NxD, expert_NxK, gate_NxK, w_in_E, w_out_E):
@@ -232,14 +221,17 @@ def per_expert_moe(x_NxD, expert_NxK, gate_NxK, w_in_E, w_out_E):
       y[n] = sum_j gate[n, j] * SwiGLU_{expert[n, j]}(x[n])
 
   One `lax.switch` per assignment (n, j) picks expert[n, j]'s branch, which
-  multiplies x[n] by that expert's own weight buffers in place. Why: XLA:CPU
-  copies any slice of the stacked [E, ...] weights (gather, static or dynamic
-  slice alike) into a fresh buffer before a dot, so the stacked form reads
-  and writes every chosen expert's weights once more per step; with separate
-  buffers the dot streams them directly (README, "Decode benchmark").
-  For decode steps with N*K < E (e.g. batch 1); `dropless_moe` takes it when
-  given the split weights. A `fori_loop` over the N*K assignments keeps one
-  switch in the program (unrolling measured no faster at batch 1).
+  multiplies the row x[n] by that expert's own weight buffers in place. Why:
+  XLA:CPU copies any slice of the stacked [E, ...] weights (gather, static
+  or dynamic slice alike) into a fresh buffer before a dot, so the stacked
+  form reads and writes every chosen expert's weights once more per step;
+  with separate buffers a 1-row product (a matrix-vector product) streams
+  them directly. Several rows of one expert multiply it separately: the
+  weights are re-read from cache, while a product with more rows packs
+  (copies) them. Measured on decode steps with N*K <= E, faster than the
+  unrolled expert loop over the same buffers (decode/generate.py
+  `use_split_experts`, README "Decode benchmark"). A `fori_loop` over the
+  N*K assignments keeps one switch in the program.
 
   w_in_E, w_out_E: sequences of E arrays [D, 2F] and [F, D].
   """
@@ -262,25 +254,22 @@ def split_experts(w_in, w_out):
   On CPU, numpy views of the stacked arrays make these without a copy
   (decode/generate.py `expert_buffers`); under jit the slices are copies.
   """
-  return tuple(w_in[e] for e in range(w_in.shape[0])), tuple(w_out[e] for e in range(w_out.shape[0]))
+  return (tuple(w_in[e] for e in range(w_in.shape[0])),
+          tuple(w_out[e] for e in range(w_out.shape[0])))
 
 
 def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):
   """Sort by expert + grouped matmul (ragged_dot); no token is dropped.
 
   Small N (decode steps), where sort/scatter overhead and weight reads cost
-  more than FLOPs: with fewer assignments than experts (N*K < E) only the
-  chosen experts' weights are read: in place from `split` = (w_in_E, w_out_E)
-  when given (`per_expert_moe`), else gathered from the stacked weights;
-  otherwise, for N <= SMALL_N, `expert_loop_moe` (over `split` if given and
-  N*K <= E; more assignments, e.g. a prefill, use the stacked weights: the
-  unrolled loop is measured no faster there and compiles E times the code).
-  All give the same sum.
+  more than FLOPs: given the experts as separate buffers (`split` =
+  (w_in_E, w_out_E)) and at most E assignments (N*K <= E), `per_expert_moe`
+  reads the chosen experts in place; else with N*K < E the chosen experts'
+  weights are gathered from the stacked weights; otherwise, for N <=
+  SMALL_N, `expert_loop_moe`. All give the same sum.
   """
   n, k = expert_NxK.shape
-  if n * k > w_in.shape[0]:
-    split = None  # per-expert buffers only where measured faster (decode/generate.py)
-  if n * k < w_in.shape[0] and split is not None:
+  if split is not None and n * k <= w_in.shape[0]:  # where measured faster (generate.py)
     return per_expert_moe(x_NxD, expert_NxK, gate_NxK, *split)
   if n * k < w_in.shape[0]:  # fewer assignments than experts: read only theirs
     flat_M = expert_NxK.reshape(-1)
@@ -288,7 +277,7 @@ def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):
     y_Mx1xD = expert_ffn(x_Mx1xD, w_in[flat_M], w_out[flat_M])
     return combine(rearrange(y_Mx1xD, "(n k) 1 d -> n k d", k=k), gate_NxK)
   if n <= SMALL_N:
-    return expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split)
+    return expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out)
   order_M, group_sizes_E = sort_by_expert(expert_NxK, w_in.shape[0])
   y_sorted_MxD = grouped_ffn(x_NxD[order_M // k], w_in, w_out, group_sizes_E)
   y_MxD = jnp.zeros_like(y_sorted_MxD).at[order_M].set(y_sorted_MxD, unique_indices=True)

@@ -122,8 +122,7 @@ def test_compiled_decode_loop_never_copies_the_kv_cache(params, batch, strategy)
 def test_per_expert_buffers_are_views_and_decode_the_same(params):
   """Batch 1 and 2 (rows x top-2 <= 4 experts) on CPU decode with per-expert buffers
   (`expert_buffers`): numpy views of the stacked weights placed zero-copy,
-  giving (per-assignment switch at batch 1, unrolled expert loop at batch 2)
-  the same tokens and log-probabilities as the stacked weights."""
+  giving the same tokens and log-probabilities as the stacked weights."""
   if jax.default_backend() != "cpu":
     pytest.skip("per-expert buffers are a CPU path (needs the CPU backend)")
   params = jax.device_put(params)

@@ -164,8 +164,8 @@ def test_dropless_small_and_grouped_paths_equal_capacity(n):
 def test_experts_collection_is_read_exactly_when_assignments_are_at_most_experts(n):
   """MoE with the `experts` collection (per-expert buffers): the same output;
   and proof the buffers are what is read: zeroed buffers zero the output
-  when N*K <= E (N*K < E: `per_expert_moe`; = E: the expert loop) and change
-  nothing otherwise (the expert loop or grouped matmul on stacked weights)."""
+  when N*K <= E (`per_expert_moe`) and change nothing otherwise (the expert
+  loop or grouped matmul on the stacked weights)."""
   cfg = ModelConfig(d_model=D, num_heads=1, num_kv_heads=1, ffn_dim=F, num_experts=8,
                     moe_top_k=2, moe_dispatch="dropless", vocab_size=11)
   x = jax.random.normal(jax.random.key(3), (1, n, D))
