@@ -91,33 +91,35 @@ def make_step_fn(cfg: ModelConfig, params, experts=None):
       variables, t, p, c, fresh, logits_at_B, method=Decoder.decode)
 
 
-def use_split_experts(cfg: ModelConfig, rows_per_step: int) -> bool:
-  """Whether decode steps of `rows_per_step` rows read per-expert buffers.
+def use_split_experts(cfg: ModelConfig, rows_per_device: int, num_beams: int = 1) -> bool:
+  """Whether decode steps read per-expert buffers (`dispatch.per_expert_moe`).
 
   Only on CPU, where XLA copies every slice of the stacked expert weights it
-  multiplies, and only when a step has at most E assignments (rows * top-k
-  <= E), where `dispatch.per_expert_moe` reads them in place. Mixtral-like
-  (E 8, top-2), interleaved A/B in one process, paired median speed-up of
-  the whole decode over the stacked path: batch 1 0.95-1.14x (six runs,
-  median 1.06x), 4 rows on one device 1.15x, batch 8 split 4 + 4 over two
-  devices 1.41x; 8 rows on one device (16 assignments) 0.98x, so those keep
-  the stacked path, whose slice copies XLA spreads over the idle core.
+  multiplies; only when a step has at most E assignments (rows * top-k
+  <= E); and not for beam search. Mixtral-like (E 8, top-2), interleaved
+  A/B in one process, paired median speed-up of the whole decode over the
+  stacked path: batch 1 0.95-1.14x (six runs, median 1.06x), 4 rows on one
+  device 1.15x, batch 8 split 4 + 4 over two devices 1.41x. Slower, so
+  excluded: 8 rows on one device (16 assignments) 0.98x, where XLA spreads
+  the stacked path's slice copies over the idle core; beam 4 0.85x, whose
+  beams share a prefix and mostly pick the same experts, which the stacked
+  expert loop reads once for all its rows and the switch once per row.
   """
-  return (jax.default_backend() == "cpu" and cfg.num_experts > 0
+  return (jax.default_backend() == "cpu" and cfg.num_experts > 0 and num_beams == 1
           and cfg.moe_mode == "sparse" and cfg.moe_dispatch == "dropless"
-          and rows_per_step * cfg.moe_top_k <= cfg.num_experts)
+          and rows_per_device * cfg.moe_top_k <= cfg.num_experts)
 
 
-def expert_buffers(cfg: ModelConfig, params, rows_per_step: int, num_devices: int = 1):
+def expert_buffers(cfg: ModelConfig, params, rows_per_device: int, num_devices: int = 1,
+                   num_beams: int = 1):
   """The `experts` argument of `decode_fn`'s function, or None.
 
   Every MoE layer's experts as separate arrays (model/moe.py
   `split_expert_params`) when `use_split_experts`. They are numpy views of
   the stacked params placed zero-copy on the CPU device(s): no weight is
-  copied, here or in the jitted loop. `rows_per_step`: rows per device
-  times beams.
+  copied, here or in the jitted loop.
   """
-  if not use_split_experts(cfg, rows_per_step):
+  if not use_split_experts(cfg, rows_per_device, num_beams):
     return None
   views = moe.split_expert_params(jax.tree.map(np.asarray, params))
   if num_devices == 1:
@@ -257,8 +259,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                  length_penalty_type=length_penalty_type,
                  min_tokens_to_keep=min_tokens_to_keep, num_devices=num_devices)
   beam = (np.float32(length_penalty), np.int32(early_stopping_code(early_stopping)))
-  rows_per_step = prompt_BxP.shape[0] // num_devices * (num_beams if strategy == "beam" else 1)
-  experts = expert_buffers(cfg, params, rows_per_step, num_devices)
+  experts = expert_buffers(cfg, params, prompt_BxP.shape[0] // num_devices, num_devices,
+                           num_beams if strategy == "beam" else 1)
   params = data_parallel.replicate(params, num_devices)
   out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, jax.random.key(seed), beam, experts))
   keep = num_return_sequences if strategy == "beam" else rows

@@ -98,7 +98,7 @@ def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int):
   fn = decode_fn(cfg, strategy, max_new_tokens=new, cache_len=prompt.shape[1] + new,
                  pad_id=0, num_beams=beams, num_devices=devices)
   sp = proc.SamplingParams.create(prompt.shape[0] * beams)
-  experts = expert_buffers(cfg, params, prompt.shape[0] // devices * beams, devices)
+  experts = expert_buffers(cfg, params, prompt.shape[0] // devices, devices, beams)
   args = (data_parallel.replicate(params, devices), jnp.asarray(prompt), jnp.asarray(lens), sp,
           jax.random.key(0), (np.float32(1.0), np.int32(1)), experts)
   t = time.perf_counter()

@@ -126,8 +126,9 @@ def test_per_expert_buffers_are_views_and_decode_the_same(params):
   if jax.default_backend() != "cpu":
     pytest.skip("per-expert buffers are a CPU path (needs the CPU backend)")
   params = jax.device_put(params)
-  assert expert_buffers(CFG, params, rows_per_step=3) is None  # 3 x top-2 > 4 experts
-  experts = expert_buffers(CFG, params, rows_per_step=1)
+  assert expert_buffers(CFG, params, rows_per_device=3) is None  # 3 x top-2 > 4 experts
+  assert expert_buffers(CFG, params, rows_per_device=1, num_beams=2) is None  # beam search
+  experts = expert_buffers(CFG, params, rows_per_device=1)
   w_in = params["block_1"]["moe"]["w_in"]
   views = experts["block_1"]["moe"]["w_in"]
   assert len(views) == CFG.num_experts and set(experts) == {"block_1"}
