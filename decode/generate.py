@@ -38,8 +38,8 @@ from decode import processors as proc
 from decode.beam_search import beam_search_loop, early_stopping_code, length_penalty_divisor
 from decode.sampling import STRATEGIES as SAMPLING_STRATEGIES
 from decode.sampling import sample_loop
-from model.config import ModelConfig
 from model import moe
+from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.transformer import Decoder
 
