@@ -154,7 +154,7 @@ def test_dropless_small_and_grouped_paths_equal_capacity(n):
   y_cap, _ = moe_lib.capacity_moe(x, expert, gate, w_in, w_out, capacity=2 * n)
   np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out), y_cap,
                              atol=1e-5)
-  # With the per-expert buffers too (`per_expert_moe` when N*K < E).
+  # With the per-expert buffers too (`per_expert_moe` when N*K <= E).
   split = dispatch.split_experts(w_in, w_out)
   np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out, split), y_cap,
                              atol=1e-5)
