@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from decode import processors as proc
+from decode.cache_windows import grow_while_loop
 from decode.prefill import prefill
 
 NEG = -1.0e9  # HF's "very large negative" score offset.
@@ -93,12 +94,15 @@ def _gather(x_BxKx, idx_BxJ):
 def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingParams,
                      *, num_beams: int, max_new_tokens: int, stop_ids: Sequence[int],
                      pad_id: int, length_penalty: float = 1.0, length_penalty_type: str = "hf",
-                     early_stopping=False, active: Sequence[str] = ()):
+                     early_stopping=False, active: Sequence[str] = (),
+                     windows: Sequence[int] | None = None):
   """Prefill (once per prompt) + beam loop. Returns the final BeamState.
 
   Args:
     step_fn: (tokens_BxL, positions_BxL, cache) -> (logits_BxLxV, cache).
-    cache: empty cache with B rows (repeated to B*W after the prefill).
+    cache: empty cache with B rows (repeated to B*W after the prefill), of
+      `windows[0]` positions when `windows` (growing cache sizes,
+      decode/cache_windows.py) is given.
     params: per-beam (B*W rows) processor parameters; only the repetition
       penalty applies to beam search (HF applies warpers only when sampling).
     length_penalty: alpha (a float, or a traced float32 scalar so one
@@ -192,4 +196,6 @@ def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.Samp
         go=go, logits_BWxV=logits_BWx1xV[:, 0].astype(jnp.float32), presence_BWxV=presence,
         cache=cache)
 
-  return jax.lax.while_loop(cond, body, state)
+  max_prompt = jnp.max(prompt_len_B).astype(jnp.int32)
+  return grow_while_loop(cond, body, state, windows or (cache.max_len,),
+                         slots_needed=lambda s: max_prompt + s.step + 1)

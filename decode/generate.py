@@ -13,8 +13,9 @@ positions, model/kv_cache.py). Strategies:
 * 'beam': HF v5 beam search (decode/beam_search.py) returning
   `num_return_sequences` hypotheses per prompt, best first.
 
-Everything after the argument checks is one jitted function: prefill + one
-`lax.while_loop`. `decode_fn` returns that jitted function (cached per
+Everything after the argument checks is one jitted function: prefill + the
+`lax.while_loop` (in phases over a growing cache, decode/cache_windows.py).
+`decode_fn` returns that jitted function (cached per
 static configuration) so callers can time compilation separately
 (`decode_fn(...).lower(*args).compile()`, experiments/bench_decode.py).
 
@@ -36,6 +37,7 @@ import numpy as np
 from decode import data_parallel
 from decode import processors as proc
 from decode.beam_search import beam_search_loop, early_stopping_code, length_penalty_divisor
+from decode.cache_windows import cache_windows
 from decode.sampling import STRATEGIES as SAMPLING_STRATEGIES
 from decode.sampling import sample_loop
 from model import moe
@@ -131,7 +133,7 @@ def expert_buffers(cfg: ModelConfig, params, rows_per_device: int, num_devices: 
 def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len: int,
               stop_ids: tuple = (), pad_id: int = 0, active: tuple = (), num_beams: int = 1,
               length_penalty_type: str = "hf", min_tokens_to_keep: int = 1,
-              num_devices: int = 1):
+              num_devices: int = 1, cache_growth: float = 2.0):
   """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng, beam,
   experts=None) -> dict.
 
@@ -153,12 +155,13 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
   def rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam, experts):
     b = prompt_BxP.shape[0]
     step_fn = make_step_fn(cfg, params, experts)
-    cache = KVCache.init(cfg, b, cache_len)
+    windows = cache_windows(prompt_BxP.shape[1], cache_len, cache_growth)
+    cache = KVCache.init(cfg, b, windows[0])
     if strategy == "beam":
       s = beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, sp, num_beams=num_beams,
                            max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                            length_penalty=beam[0], length_penalty_type=length_penalty_type,
-                           early_stopping=beam[1], active=active)
+                           early_stopping=beam[1], active=active, windows=windows)
       lengths = s.finished_len_BxW.reshape(-1)
       scores = s.finished_scores_BxW.reshape(-1)
       n = s.finished_tokens_BxWxN.shape[-1]
@@ -168,7 +171,7 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
       return {"tokens": tokens, "lengths": lengths, "logprobs": logprobs, "scores": scores}
     s = sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, sp, rng_B, strategy=strategy,
                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                    active=active, min_tokens_to_keep=min_tokens_to_keep)
+                    active=active, min_tokens_to_keep=min_tokens_to_keep, windows=windows)
     return {"tokens": s.tokens_BxN, "lengths": s.num_generated_B, "logprobs": s.logprob_B,
             "scores": s.logprob_B}
 
@@ -201,7 +204,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              num_samples: int = 1, num_beams: int = 4, length_penalty: float = 1.0,
              length_penalty_type: str = "hf", early_stopping=False,
              num_return_sequences: int = 1, seed: int = 0,
-             num_devices: int | None = None) -> GenerateOutput:
+             num_devices: int | None = None, cache_growth: float = 2.0) -> GenerateOutput:
   """Decodes continuations of `prompts` (lists of token ids, any lengths).
 
   Args:
@@ -221,6 +224,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     num_devices: split the rows (prompts for beam search) over this many
       local devices (decode/data_parallel.py); None: the most devices, up to
       `jax.local_device_count()`, that divide them evenly.
+    cache_growth: growing cache windows (`decode_fn`, decode/cache_windows.py);
+      <= 1 attends over the whole cache from the first step.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES} (got {strategy!r})")
@@ -257,7 +262,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                  cache_len=prompt_BxP.shape[1] + max_new_tokens, stop_ids=stop, pad_id=pad_id,
                  active=active, num_beams=num_beams if strategy == "beam" else 1,
                  length_penalty_type=length_penalty_type,
-                 min_tokens_to_keep=min_tokens_to_keep, num_devices=num_devices)
+                 min_tokens_to_keep=min_tokens_to_keep, num_devices=num_devices,
+                 cache_growth=cache_growth)
   beam = (np.float32(length_penalty), np.int32(early_stopping_code(early_stopping)))
   experts = expert_buffers(cfg, params, prompt_BxP.shape[0] // num_devices, num_devices,
                            num_beams if strategy == "beam" else 1)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from decode import processors as proc
+from decode.cache_windows import grow_while_loop
 from decode.prefill import prefill
 
 STRATEGIES = ("greedy", "sample")
@@ -65,18 +66,22 @@ def choose_tokens(logits_BxV, params: proc.SamplingParams, presence_BxV, rng_B, 
 
 def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingParams,
                 rng_B, *, strategy: str, max_new_tokens: int, stop_ids: Sequence[int],
-                pad_id: int, active: Sequence[str] = (), min_tokens_to_keep: int = 1):
+                pad_id: int, active: Sequence[str] = (), min_tokens_to_keep: int = 1,
+                windows: Sequence[int] | None = None):
   """Prefill + decode loop. Returns the final SampleState.
 
   Args:
     step_fn: (tokens_BxL, positions_BxL, cache) -> (logits_BxLxV, cache).
-    cache: empty cache with B rows and at least P + max_new_tokens positions.
+    cache: empty cache with B rows and at least P + max_new_tokens positions,
+      or of `windows[0]` positions when `windows` is given.
     prompt_BxP: right-padded prompts; prompt_len_B >= 1 valid tokens per row.
     params: per-row processor parameters (SamplingParams with [B] arrays).
     rng_B: one PRNG key per row; step t of row b draws with fold_in(rng_B[b], t).
     active: processors to apply (static; `SamplingParams.active()`); greedy
       uses only 'repetition_penalty' (HF applies no warpers when greedy).
     min_tokens_to_keep: HF's floor for top-k / top-p / min-p.
+    windows: growing cache sizes, the last >= P + max_new_tokens
+      (decode/cache_windows.py); None: the cache's own size throughout.
   """
   b, p = prompt_BxP.shape
   logits_BxV, cache = prefill(step_fn, prompt_BxP, prompt_len_B, cache)
@@ -121,4 +126,5 @@ def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingP
         logits_BxV=logits_Bx1xV[:, 0].astype(jnp.float32), presence_BxV=presence,
         cache=cache, rng_B=s.rng_B)
 
-  return jax.lax.while_loop(cond, body, state)
+  return grow_while_loop(cond, body, state, windows or (cache.max_len,),
+                         slots_needed=lambda s: jnp.max(s.position_B) + 1)

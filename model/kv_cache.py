@@ -27,7 +27,8 @@ A paged cache (vLLM) keeps the same two methods over a page table, an MLA
 cache stores the latent instead of K/V and does absorbed attention in
 `attend`, and a Pallas decode kernel replaces the body of `attend`.
 `KVCache` is the whole model's cache: one layer cache per block plus
-`reorder` (beam search) and `init`.
+`reorder` (beam search), `resize` (growing windows, decode/cache_windows.py)
+and `init`.
 
 Shape names: B rows, T max length, L new tokens, K kv heads, H query heads,
 E head width.
@@ -68,6 +69,14 @@ class LayerKV:
   @property
   def max_len(self) -> int:
     return self.k_BxTxKxE.shape[1]
+
+  def resize(self, max_len: int) -> "LayerKV":
+    """The first `max_len` slots, zero-padded past the current length."""
+    def one(x_BxTxKxE):
+      if max_len <= x_BxTxKxE.shape[1]:
+        return x_BxTxKxE[:, :max_len]
+      return jnp.pad(x_BxTxKxE, ((0, 0), (0, max_len - x_BxTxKxE.shape[1]), (0, 0), (0, 0)))
+    return LayerKV(one(self.k_BxTxKxE), one(self.v_BxTxKxE))
 
   def update(self, k_BxLxKxE, v_BxLxKxE, positions_BxL) -> "LayerKV":
     """Writes the new tokens of row b at positions_BxL[b, 0] ... (contiguous)."""
@@ -117,6 +126,12 @@ class KVCache:
 
   def replace_layers(self, layers: Sequence) -> "KVCache":
     return self.replace(layers=tuple(layers))
+
+  def resize(self, max_len: int) -> "KVCache":
+    """Every layer cache with `max_len` slots (decode/cache_windows.py grows
+    the cache between loop phases); positions below both lengths keep their
+    entries."""
+    return self.replace_layers([layer.resize(max_len) for layer in self.layers])
 
   def reorder(self, rows_B) -> "KVCache":
     """Row b of the result is row rows_B[b] of this cache (beam search).
