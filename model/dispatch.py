@@ -233,10 +233,12 @@ def per_expert_moe(x_NxD, expert_NxK, gate_NxK, w_in_E, w_out_E):
   `use_split_experts`, README "Decode benchmark"). A `fori_loop` over the
   N*K assignments keeps one switch in the program.
 
-  w_in_E, w_out_E: sequences of E arrays [D, 2F] and [F, D].
+  w_in_E, w_out_E: sequences of E arrays [D, 2F] and [F, D], or with the
+  contraction split in P parts, [P, D/P, 2F] and [P, F/P, D] (`split_experts`
+  with parts=P; `matvec`).
   """
   n, k = expert_NxK.shape
-  branches = [lambda x_1xD, e=e: swiglu(x_1xD @ w_in_E[e]) @ w_out_E[e]
+  branches = [lambda x_1xD, e=e: matvec(swiglu(matvec(x_1xD, w_in_E[e])), w_out_E[e])
               for e in range(len(w_in_E))]
 
   def body(m, y_NxD):
@@ -248,14 +250,35 @@ def per_expert_moe(x_NxD, expert_NxK, gate_NxK, w_in_E, w_out_E):
   return jax.lax.fori_loop(0, n * k, body, jnp.zeros_like(x_NxD))
 
 
-def split_experts(w_in, w_out):
+def matvec(x_MxK, w):
+  """x @ w for w [K, N]; for w [P, K/P, N], the same product with the
+  contraction split in P parts: one P-batched product, then a sum over p,
+
+      y = sum_p x[:, p*K/P : (p+1)*K/P] @ w[p]
+
+  XLA:CPU runs a plain 1-row product inside a `lax.switch` branch on one
+  core; the batched form spreads its parts over the intra-op threads, so an
+  otherwise idle core streams half of the weights (`split_experts`).
+  """
+  if w.ndim == 2:
+    return x_MxK @ w
+  x_PxMxK = rearrange(x_MxK, "m (p k) -> p m k", p=w.shape[0])
+  return jnp.einsum("pmk,pkn->pmn", x_PxMxK, w).sum(0)
+
+
+def split_experts(w_in, w_out, parts: int = 1):
   """Stacked expert weights -> (w_in_E, w_out_E): tuples of E separate arrays.
 
-  On CPU, numpy views of the stacked arrays make these without a copy
-  (decode/generate.py `expert_buffers`); under jit the slices are copies.
+  parts > 1 gives every expert its contraction split in `parts` (`matvec`):
+  w_in[e] as [P, D/P, 2F] and w_out[e] as [P, F/P, D], reshapes of the same
+  memory. On CPU, numpy views of the stacked arrays make these without a
+  copy (decode/generate.py `expert_buffers`); under jit the slices are copies.
   """
-  return (tuple(w_in[e] for e in range(w_in.shape[0])),
-          tuple(w_out[e] for e in range(w_out.shape[0])))
+  def one(w_ExKxN, e):
+    w = w_ExKxN[e]
+    return w if parts == 1 else w.reshape(parts, w.shape[0] // parts, w.shape[1])
+  return (tuple(one(w_in, e) for e in range(w_in.shape[0])),
+          tuple(one(w_out, e) for e in range(w_out.shape[0])))
 
 
 def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):

@@ -40,9 +40,10 @@ from model.routing_losses import router_stats
 COLLECTION = "experts"  # optional variable collection: per-expert weight buffers
 
 
-def split_expert_params(params) -> dict:
+def split_expert_params(params, parts: int = 1) -> dict:
   """The `experts` collection for `Decoder.apply`: every MoE layer's w_in and
-  w_out as tuples of E separate arrays (`split_experts`), at the layer's path.
+  w_out as tuples of E separate arrays (`split_experts`, contraction split in
+  `parts`), at the layer's path.
 
       model.apply({"params": params, "experts": split_expert_params(params)}, ...)
 
@@ -52,8 +53,9 @@ def split_expert_params(params) -> dict:
   out = {}
   for name, sub in params.items():
     if name == "moe" and "w_in" in sub:
-      out[name] = dict(zip(("w_in", "w_out"), split_experts(sub["w_in"], sub["w_out"])))
-    elif isinstance(sub, Mapping) and (inner := split_expert_params(sub)):
+      out[name] = dict(zip(("w_in", "w_out"),
+                           split_experts(sub["w_in"], sub["w_out"], parts)))
+    elif isinstance(sub, Mapping) and (inner := split_expert_params(sub, parts)):
       out[name] = inner
   return out
 

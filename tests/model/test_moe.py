@@ -154,10 +154,14 @@ def test_dropless_small_and_grouped_paths_equal_capacity(n):
   y_cap, _ = moe_lib.capacity_moe(x, expert, gate, w_in, w_out, capacity=2 * n)
   np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out), y_cap,
                              atol=1e-5)
-  # With the per-expert buffers too (`per_expert_moe` when N*K <= E).
-  split = dispatch.split_experts(w_in, w_out)
-  np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out, split), y_cap,
-                             atol=1e-5)
+  # With the per-expert buffers too (`per_expert_moe` when N*K <= E), whole
+  # or with each expert's contraction split in two (`matvec`).
+  for parts in (1, 2):
+    split = dispatch.split_experts(w_in, w_out, parts)
+    assert split[0][0].shape == ((D, 2 * F) if parts == 1 else (2, D // 2, 2 * F))
+    assert split[1][0].shape == ((F, D) if parts == 1 else (2, F // 2, D))
+    np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out, split),
+                               y_cap, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5, dispatch.SMALL_N + 1])
