@@ -54,6 +54,8 @@ _NUM_RETURN = flags.DEFINE_integer("num_return_sequences", 1, "Hypotheses per pr
 _STOP_IDS = flags.DEFINE_list("stop_ids", [], "Extra stop token ids.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write completions to this JSONL file.")
+_GROWTH = flags.DEFINE_float("cache_growth", 2.0, "Growing KV-cache windows: growth factor "
+                             "(decode/cache_windows.py); <= 1 attends over the whole cache.")
 flags.DEFINE_integer("host_devices", _CORES, "JAX CPU devices (read before jax starts).")
 
 
@@ -125,7 +127,7 @@ def main(argv):
       num_beams=_NUM_BEAMS.value, length_penalty=_LP.value,
       length_penalty_type=_LP_TYPE.value,
       early_stopping={"true": True, "false": False, "never": "never"}[_EARLY.value],
-      num_return_sequences=_NUM_RETURN.value, seed=_SEED.value)
+      num_return_sequences=_NUM_RETURN.value, seed=_SEED.value, cache_growth=_GROWTH.value)
   records = []
   per_prompt = {}
   for r, seq in enumerate(out.sequences()):

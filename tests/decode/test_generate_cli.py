@@ -30,7 +30,8 @@ def test_hf_dir_and_workdir(tmp_path):
       pad_token_id=258, initializer_range=0.3)).eval()
   hf.save_pretrained(tmp_path / "hf")
   stdout = _run(f"--hf_model={tmp_path / 'hf'}", "--prompt_ids=256,100,101", "--prompt=de",
-                "--strategy=greedy", "--max_new_tokens=6", f"--output={tmp_path / 'o.jsonl'}")
+                "--strategy=greedy", "--max_new_tokens=6", "--cache_growth=0",
+                f"--output={tmp_path / 'o.jsonl'}")
   recs = [json.loads(line) for line in open(tmp_path / "o.jsonl")]
   assert [r["prompt_index"] for r in recs] == [0, 1] and "logprob=" in stdout
   with torch.no_grad():  # --prompt first (BOS + bytes of 'de' = the same ids), then --prompt_ids
