@@ -16,13 +16,18 @@ Phase i is a `lax.while_loop` whose cache has w_i slots. It runs while the
 loop's own condition holds and the next step's writes stay below w_i; then
 every layer cache is zero-padded to w_{i+1} (`KVCache.resize`: one copy of
 the cache per phase, not per step) and phase i + 1 continues from the same
-state. The result is the same as one loop over T slots: masked slots add
-exactly zero to the softmax. Each phase compiles the step once more.
+state. The result is that of one loop over T slots (masked slots add zero
+to the softmax; the differently sized products may round differently in
+the last bits). Each phase compiles the step once more.
 
-Measured (experiments/bench_decode.py setting, llama-like, 64-token prompt,
-256 new tokens, cache 320 slots, 2 host devices x 4 rows): a step over a
-128-slot cache took 0.72x the time of one over 320 slots (paired, 9 rounds);
-see README "Decode benchmark" for the windows' effect on the whole decode.
+Measured on this project's 2-core VM, experiments/bench_decode.py models
+(64-token prompt, 256 new tokens: windows 128, 256, 320), interleaved A/B
+in one process against one 320-slot cache, paired median speed-up of the
+whole decode: llama-like batch 8 (two devices x 4 rows) 1.21x (11 rounds,
+range 0.73-2.23; growth 1.5: 1.18x), batch 1 1.06x; Mixtral-like batch 8
+1.04x, batch 1 1.01x (its steps are bound by expert weights). Compilation
+2.1 -> 2.9 s (llama-like), 4.4 -> 7.4 s (Mixtral-like). For scale: a step
+of 8 rows over a 128-slot cache took 0.72x the time of one over 320 slots.
 """
 
 from __future__ import annotations
