@@ -8,10 +8,13 @@ its block with no communication; a device stops when its own rows are done.
     rows_fn = split_rows(rows_fn, n)      # jax.shard_map over a 1-D 'rows' mesh
     params = replicate(params, n)         # the same weights on every device
 
-Why this matters on CPU: XLA:CPU runs each op of a small-batch decode step
-on one core (the ops are too small to split), so a batch of 8 leaves the
-other cores idle. Host devices (`--xla_force_host_platform_device_count=C`,
-one per core) each run a block concurrently. They all stream the weights
+Why this matters on CPU: one device runs the ops of a decode step one after
+the other, most of them on one core; XLA:CPU spreads only the larger
+products over its intra-op threads (a 4-row stand-in of the llama-like
+step used 1.75 cores, a 1-row one 1.0), so a batch of 8 on one device
+leaves much of the other cores idle. Host devices
+(`--xla_force_host_platform_device_count=C`, one per core) each run a
+block concurrently. They all stream the weights
 every step, so `replicate` gives every CPU device the *same* host buffer (a
 zero-copy view; the arrays are immutable): with a separate copy per device
 the bytes streamed through the shared cache double, and two devices measured

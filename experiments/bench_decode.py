@@ -21,9 +21,8 @@ token, greedy only) and whether both produced the same tokens.
 Both sides get the same cores: HF runs with `torch.set_num_threads(threads)`
 (intra-op threads); moelab on the JAX CPU backend with `threads` host devices
 (set here before jax starts; `--host_devices` overrides), over which a batch's
-rows are split (decode/data_parallel.py; the "dev" column). XLA:CPU runs each
-op of these small steps on one core, so the batch-1 and beam rows, which have
-one prompt, run on one device.
+rows are split (decode/data_parallel.py; the "dev" column). The batch-1 and
+beam rows have one prompt, so they run on one device.
 """
 
 import json
