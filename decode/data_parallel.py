@@ -11,7 +11,7 @@ its block with no communication; a device stops when its own rows are done.
 Why this matters on CPU: one device runs the ops of a decode step one after
 the other, most of them on one core; XLA:CPU spreads only the larger
 products over its intra-op threads (a 4-row stand-in of the llama-like
-step used 1.75 cores, a 1-row one 1.0), so a batch of 8 on one device
+step used about 1.7 cores, a 1-row one 1.0), so a batch of 8 on one device
 leaves much of the other cores idle. Host devices
 (`--xla_force_host_platform_device_count=C`, one per core) each run a
 block concurrently. They all stream the weights

@@ -135,7 +135,10 @@ def expert_buffers(cfg: ModelConfig, params, rows_per_device: int, num_devices: 
   """
   if not use_split_experts(cfg, rows_per_device, num_beams):
     return None
-  parts = EXPERT_PARTS if len(os.sched_getaffinity(0)) >= EXPERT_PARTS * num_devices else 1
+  parts = EXPERT_PARTS
+  if (len(os.sched_getaffinity(0)) < parts * num_devices
+      or cfg.d_model % parts or cfg.expert_ffn_dim % parts):
+    parts = 1
   views = moe.split_expert_params(jax.tree.map(np.asarray, params), parts)
   if num_devices == 1:
     return jax.device_put(views, jax.local_devices()[0])  # zero-copy on CPU
