@@ -136,7 +136,8 @@ def expert_buffers(cfg: ModelConfig, params, rows_per_device: int, num_devices: 
   if not use_split_experts(cfg, rows_per_device, num_beams):
     return None
   parts = EXPERT_PARTS
-  if (len(os.sched_getaffinity(0)) < parts * num_devices
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  if ((cores or 1) < parts * num_devices
       or cfg.d_model % parts or cfg.expert_ffn_dim % parts):
     parts = 1
   views = moe.split_expert_params(jax.tree.map(np.asarray, params), parts)
