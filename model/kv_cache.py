@@ -71,12 +71,9 @@ class LayerKV:
     return self.k_BxTxKxE.shape[1]
 
   def resize(self, max_len: int) -> "LayerKV":
-    """The first `max_len` slots, zero-padded past the current length."""
-    def one(x_BxTxKxE):
-      if max_len <= x_BxTxKxE.shape[1]:
-        return x_BxTxKxE[:, :max_len]
-      return jnp.pad(x_BxTxKxE, ((0, 0), (0, max_len - x_BxTxKxE.shape[1]), (0, 0), (0, 0)))
-    return LayerKV(one(self.k_BxTxKxE), one(self.v_BxTxKxE))
+    """The cache grown to `max_len` (>= its length) slots; new slots are zero."""
+    pad = ((0, 0), (0, max_len - self.max_len), (0, 0), (0, 0))
+    return LayerKV(jnp.pad(self.k_BxTxKxE, pad), jnp.pad(self.v_BxTxKxE, pad))
 
   def update(self, k_BxLxKxE, v_BxLxKxE, positions_BxL) -> "LayerKV":
     """Writes the new tokens of row b at positions_BxL[b, 0] ... (contiguous)."""
@@ -128,9 +125,8 @@ class KVCache:
     return self.replace(layers=tuple(layers))
 
   def resize(self, max_len: int) -> "KVCache":
-    """Every layer cache with `max_len` slots (decode/cache_windows.py grows
-    the cache between loop phases); positions below both lengths keep their
-    entries."""
+    """Every layer cache grown to `max_len` slots, entries kept
+    (decode/cache_windows.py grows the cache between loop phases)."""
     return self.replace_layers([layer.resize(max_len) for layer in self.layers])
 
   def reorder(self, rows_B) -> "KVCache":

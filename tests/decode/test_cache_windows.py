@@ -52,7 +52,7 @@ def test_growing_cache_decodes_as_one_fixed_cache(params, strategy):
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
-def test_each_phase_loops_over_its_own_window_without_copying_the_cache(strategy):
+def test_each_phase_loops_over_its_own_window_without_copying_the_cache(params, strategy):
   """One while loop per window, each carrying caches of its window's size;
   no loop body copies a cache buffer (the in-place write of
   test_generate.py holds in every phase)."""
@@ -60,7 +60,6 @@ def test_each_phase_loops_over_its_own_window_without_copying_the_cache(strategy
   rows = batch * (2 if strategy == "beam" else 1)
   fn = decode_fn(CFG, strategy, max_new_tokens=NEW, cache_len=width + NEW, num_beams=2,
                  cache_growth=1.25)
-  params = jax.jit(Decoder(CFG).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   args = (params, jnp.ones((batch, width), jnp.int32), jnp.full((batch,), width, jnp.int32),
           proc.SamplingParams.create(rows), jax.random.key(0), (np.float32(1.0), np.int32(1)))
   hlo = fn.lower(*args).compile().as_text()
