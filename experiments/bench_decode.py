@@ -18,6 +18,16 @@ moelab, after a warm-up of each), their ratio, moelab's no-cache recompute
 baseline (a full forward over the whole fixed-width sequence for every new
 token, greedy only) and whether both produced the same tokens.
 
+Memory columns (greedy rows): MB/step, the bytes a step must read at least
+(`decode_bytes`: every non-expert weight, the experts any row picked, the
+valid cache entries); GB/s, those bytes over moelab's run time; bound tok/s,
+the speed at which reading them once at the machine's streaming bandwidth
+(`stream_bandwidth`, printed in the header) would take the whole run. Decode
+of these models is a chain of matrix-vector products, so that bound is what
+a memory-bound implementation approaches. Working sets that fit the
+last-level cache (the Llama-like weights, ~9 MB) can run above it; the
+Mixtral-like experts (48 MB) do not fit.
+
 Both sides get the same cores: HF runs with `torch.set_num_threads(threads)`
 (intra-op threads); moelab on the JAX CPU backend with `threads` host devices
 (set here before jax starts; `--host_devices` overrides), over which a batch's
@@ -43,6 +53,7 @@ from decode import data_parallel  # noqa: E402
 from decode import processors as proc  # noqa: E402
 from decode.generate import decode_fn, expert_buffers, pad_prompts  # noqa: E402
 from model.hf_interop import config_from_hf, params_from_hf  # noqa: E402
+from model.router import Router  # noqa: E402
 from model.transformer import Decoder  # noqa: E402
 
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Greedy new tokens per row.")
@@ -150,15 +161,78 @@ def time_no_cache(cfg, params, prompt_BxP, new: int):
   return time.perf_counter() - t, np.asarray(out)
 
 
+def stream_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
+  """GB/s of the fastest read this backend does: a 1-row product over a
+  `mbytes` MB float32 matrix (far larger than the caches), best of `repeats`.
+  Decode steps are matrix-vector products of this kind."""
+  w_NxK = jnp.ones((mbytes * 2 ** 20 // 4096, 1024), jnp.float32)
+  x_K = jnp.ones((1024,), jnp.float32)
+  f = jax.jit(lambda w, x: w @ x)
+  jax.block_until_ready(f(w_NxK, x_K))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f(w_NxK, x_K))
+    best = min(best, time.perf_counter() - t)
+  return w_NxK.nbytes / best / 1e9
+
+
+def decode_bytes(cfg, params, prompt_BxP, tokens_BxN) -> float:
+  """Bytes a greedy decode of `tokens_BxN` must read at least, all steps summed.
+
+  Every step (prefill included) reads every non-expert weight once (the token
+  embedding one row per token; tied embeddings in full, as the unembedding)
+  and, of every MoE layer, the experts chosen by any row at that step: their
+  union, from the router decisions of a full forward pass over the decoded
+  sequences. Each decode step also reads the valid cache entries (K and V of
+  every earlier position of every row). Dividing by the run time gives the
+  achieved bandwidth, by the machine's `stream_bandwidth` a lower bound on
+  the time of any implementation that reads this much from memory once; a
+  working set that partly fits the last-level cache can beat it.
+
+  prompt_BxP: the prompts (all of width P); tokens_BxN: the N generated ids.
+  """
+  b, p = prompt_BxP.shape
+  n = tokens_BxN.shape[1]
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  is_expert = lambda path: "moe" in str(path) and ("w_in" in str(path) or "w_out" in str(path))
+  dense = sum(x.nbytes for path, x in flat if not is_expert(path))
+  if not cfg.tie_embeddings:
+    dense -= params["embed"].nbytes
+  kv_per_pos = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.dim_per_head
+                * jnp.dtype(cfg.dtype).itemsize)
+  total = n * dense + kv_per_pos * b * sum(p + i for i in range(n - 1))
+  if cfg.num_moe_layers:
+    expert_bytes = sum(x.nbytes for path, x in flat if is_expert(path)) // (
+        cfg.num_moe_layers * cfg.num_experts)  # one expert's w_in [D, 2F] + w_out [F, D]
+    seq_BxL = np.concatenate([prompt_BxP, tokens_BxN[:, :-1]], axis=1)
+
+    @jax.jit
+    def chosen(params, seq_BxL):  # per MoE layer: chosen_BxLxE[b, l, e], expert e picked
+      _, state = Decoder(cfg).apply({"params": params}, seq_BxL,
+                                    capture_intermediates=lambda m, _: isinstance(m, Router))
+      return [jax.nn.one_hot(r.expert_NxK.reshape(b, seq_BxL.shape[1], -1),
+                             cfg.num_experts).sum(2) > 0
+              for r in jax.tree.leaves(state["intermediates"],
+                                       is_leaf=lambda x: hasattr(x, "expert_NxK"))]
+
+    for chosen_BxLxE in map(np.asarray, chosen(params, jnp.asarray(seq_BxL))):
+      step_chosen = [chosen_BxLxE[:, :p].any((0, 1))] + list(chosen_BxLxE[:, p:].any(0))
+      total += expert_bytes * int(np.sum(step_chosen))
+  return float(total)
+
+
 def main(argv):
   del argv
   torch.set_num_threads(_THREADS.value)
   rows = []
   header = (f"{'model':8} {'case':10} {'HF tok/s':>9} {'moelab tok/s':>12} {'dev':>3} "
-            f"{'ratio':>6} {'no-cache tok/s':>14} {'compile s':>9} {'same':>5}")
+            f"{'ratio':>6} {'no-cache tok/s':>14} {'compile s':>9} {'same':>5} "
+            f"{'MB/step':>8} {'GB/s':>5} {'bound tok/s':>11}")
+  stream = stream_bandwidth()
   print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.local_device_count()} devices), "
         f"torch {torch.__version__} ({_THREADS.value} threads), "
-        f"transformers {transformers.__version__}")
+        f"transformers {transformers.__version__}; streaming read {stream:.1f} GB/s")
   print(header)
   for kind in _MODELS.value:
     hf = hf_model(kind)
@@ -177,13 +251,18 @@ def main(argv):
         nc_s, nc_tokens = time_no_cache(cfg, params, prompt, new)
         nc = b * new / nc_s
         assert (nc_tokens == ml_tokens).mean() > 0.9
+      nbytes = decode_bytes(cfg, params, prompt, ml_tokens) if beams == 1 else float("nan")
       row = dict(model=kind, case=case, hf_tok_s=b * new / hf_s, moelab_tok_s=b * new / ml_s,
                  devices=devices,
                  ratio=hf_s / ml_s, no_cache_tok_s=nc, compile_s=comp_s, repeats=_REPEATS.value,
-                 same=bool((hf_tokens == ml_tokens[:, :hf_tokens.shape[1]]).all()))
+                 same=bool((hf_tokens == ml_tokens[:, :hf_tokens.shape[1]]).all()),
+                 mb_per_step=nbytes / new / 1e6, gb_s=nbytes / ml_s / 1e9,
+                 bound_tok_s=b * new / (nbytes / (stream * 1e9)), stream_gb_s=stream)
       rows.append(row)
       print(f"{kind:8} {case:10} {row['hf_tok_s']:9.0f} {row['moelab_tok_s']:12.0f} {devices:3d} "
-            f"{row['ratio']:6.1f} {nc:14.0f} {comp_s:9.2f} {str(row['same']):>5}", flush=True)
+            f"{row['ratio']:6.1f} {nc:14.0f} {comp_s:9.2f} {str(row['same']):>5} "
+            f"{row['mb_per_step']:8.1f} {row['gb_s']:5.1f} {row['bound_tok_s']:11.0f}",
+            flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=1)
