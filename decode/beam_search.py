@@ -86,9 +86,10 @@ class BeamState:
 
 
 def _gather(x_BxKx, idx_BxJ):
-  """x[b, idx[b, j]] along axis 1 (HF `_gather_beams`)."""
+  """x[b, idx[b, j]] along axis 1 (HF `_gather_beams`); idx in range (top-k
+  positions), so clamped rather than masked (see `KVCache.reorder`)."""
   idx = idx_BxJ.reshape(idx_BxJ.shape + (1,) * (x_BxKx.ndim - 2))
-  return jnp.take_along_axis(x_BxKx, idx, axis=1)
+  return jnp.take_along_axis(x_BxKx, idx, axis=1, mode="clip")
 
 
 def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingParams,

@@ -133,9 +133,12 @@ class KVCache:
     """Row b of the result is row rows_B[b] of this cache (beam search).
 
     A gather of every buffer: the contiguous layout has no sharing; a paged
-    cache implements this by copying page tables only.
+    cache implements this by copying page tables only. `rows_B` are in range
+    (beam parents): mode='clip' clamps the indices instead of `jnp.take`'s
+    default 'fill', which adds a select over the whole gathered buffer
+    (llama-like beam 4: 1.11-1.13x faster decode, 168 -> 65 selects).
     """
-    return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=0), self)
+    return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=0, mode="clip"), self)
 
   def repeat(self, n: int) -> "KVCache":
     """Each row repeated n times consecutively (prompt -> beams / samples)."""

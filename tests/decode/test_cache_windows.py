@@ -55,7 +55,10 @@ def test_growing_cache_decodes_as_one_fixed_cache(params, strategy):
 def test_each_phase_loops_over_its_own_window_without_copying_the_cache(params, strategy):
   """One while loop per window, each carrying caches of its window's size;
   no loop body copies a cache buffer (the in-place write of
-  test_generate.py holds in every phase)."""
+  test_generate.py holds in every phase). Beam search reorders every cache
+  buffer each step (`KVCache.reorder`): a gather into the loop-carried
+  buffer, which XLA does from a copy of it; that copy, one per buffer and
+  step, is the only one allowed."""
   batch, width = (2, 16) if strategy == "greedy" else (1, 16)
   rows = batch * (2 if strategy == "beam" else 1)
   fn = decode_fn(CFG, strategy, max_new_tokens=NEW, cache_len=width + NEW, num_beams=2,
@@ -70,4 +73,11 @@ def test_each_phase_loops_over_its_own_window_without_copying_the_cache(params, 
     assert sum(shape in body for body in bodies) == 1, shape  # the phase of that window
   copies = [line for body in bodies for line in body.splitlines()
             if " copy(" in line and any(f"= {s}" in line for s in shapes)]
+  if strategy == "beam":
+    def feeds_only_the_reorder(copy_line):
+      name = re.search(r"%(\S+) = ", copy_line).group(1)
+      users = [line for line in hlo.splitlines() if re.search(rf"[(, ]%{re.escape(name)}[),]", line)]
+      return len(users) == 1 and "jit(_take)/gather" in users[0]
+    assert len(copies) <= 2 * CFG.num_layers * len(shapes), copies
+    copies = [line for line in copies if not feeds_only_the_reorder(line)]
   assert not copies, copies[:3]
