@@ -15,7 +15,7 @@ TINY = dict(vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2
 
 def setup(**kw):
   cfg = ModelConfig(**{**TINY, **kw})
-  params = Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = jax.jit(Decoder(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   return cfg, params
 
 
