@@ -185,10 +185,11 @@ def decode_bytes(cfg, params, prompt_BxP, tokens_BxN) -> float:
   and, of every MoE layer, the experts chosen by any row at that step: their
   union, from the router decisions of a full forward pass over the decoded
   sequences. Each decode step also reads the valid cache entries (K and V of
-  every earlier position of every row). Dividing by the run time gives the
-  achieved bandwidth, by the machine's `stream_bandwidth` a lower bound on
-  the time of any implementation that reads this much from memory once; a
-  working set that partly fits the last-level cache can beat it.
+  every earlier position of every row, and of its own token). Dividing by
+  the run time gives the achieved bandwidth, by the machine's
+  `stream_bandwidth` a lower bound on the time of any implementation that
+  reads this much from memory once; a working set that partly fits the
+  last-level cache can beat it.
 
   prompt_BxP: the prompts (all of width P); tokens_BxN: the N generated ids.
   """
@@ -201,7 +202,7 @@ def decode_bytes(cfg, params, prompt_BxP, tokens_BxN) -> float:
     dense -= params["embed"].nbytes
   kv_per_pos = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.dim_per_head
                 * jnp.dtype(cfg.dtype).itemsize)
-  total = n * dense + kv_per_pos * b * sum(p + i for i in range(n - 1))
+  total = n * dense + kv_per_pos * b * sum(p + i for i in range(1, n))
   if cfg.num_moe_layers:
     expert_bytes = sum(x.nbytes for path, x in flat if is_expert(path)) // (
         cfg.num_moe_layers * cfg.num_experts)  # one expert's w_in [D, 2F] + w_out [F, D]

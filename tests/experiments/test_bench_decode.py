@@ -24,9 +24,10 @@ def nbytes(tree):
 
 
 def kv_bytes(cfg, rows, prompt_len, new):
-  """K and V of every earlier position (and the step's own) of every row, decode steps."""
+  """K and V read by the decode steps: step i = 1 .. new-1 feeds token i-1 at position
+  prompt_len + i - 1 and reads that many earlier positions plus its own, per row."""
   per_pos = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.dim_per_head * 4
-  return per_pos * rows * sum(prompt_len + i for i in range(new - 1))
+  return per_pos * rows * sum(prompt_len + i for i in range(1, new))
 
 
 def test_dense_model_reads_every_weight_but_the_embedding_table_each_step():
