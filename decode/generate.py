@@ -54,6 +54,17 @@ PROMPT_BUCKET = 8  # prompt widths are padded to a multiple of this (fewer recom
 # precedes the in-place write and inserts none (see model/kv_cache.py).
 # A CPU compiler option (XLA DebugOptions), passed only when compiling for CPU.
 COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# With the rows split over several CPU devices (decode/data_parallel.py, one
+# per core) every core runs its own device's loop. XLA:CPU's YNNPACK fusions
+# spread an op over the shared intra-op threads and then wait for the core
+# the other device is using; an empty list of YNNPACK fusion types makes
+# XLA:CPU run every op with its own kernels. Llama-like batch 8 on two
+# devices, interleaved A/B in one process (paired median of the whole
+# decode): 1.28x, 1.29x and 1.20x (15, 21 and 9 rounds), all of it in the
+# attention part (without attention 0.97x); Mixtral-like batch 8 1.03x and
+# 1.02x. On one device (batch 1, beam search, 4 rows) YNNPACK is kept:
+# 0.96-0.99x without it.
+ROW_SPLIT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @dataclasses.dataclass
@@ -199,7 +210,25 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
     return rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam, experts)
 
   on_cpu = jax.default_backend() == "cpu"
-  return jax.jit(run, compiler_options=COMPILER_OPTIONS if on_cpu else None)
+  return jax.jit(run, compiler_options=cpu_compiler_options(num_devices) if on_cpu else None)
+
+
+def cpu_compiler_options(num_devices: int) -> dict:
+  """The XLA:CPU options `decode_fn` compiles with: COMPILER_OPTIONS, plus
+  ROW_SPLIT_OPTIONS when the rows are split over several devices; options
+  this jaxlib does not know are left out (they are XLA debug options)."""
+  options = dict(COMPILER_OPTIONS, **(ROW_SPLIT_OPTIONS if num_devices > 1 else {}))
+  return {k: v for k, v in options.items() if _cpu_option_known(k, v)}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_option_known(name: str, value) -> bool:
+  """Whether XLA:CPU accepts compiler option `name` = `value` (a trial compile)."""
+  try:
+    jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options={name: value})
+  except jax.errors.JaxRuntimeError:
+    return False
+  return True
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT_BUCKET):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from decode import processors as proc
-from decode.generate import decode_fn, expert_buffers, generate
+from decode import generate as generate_module
+from decode.generate import cpu_compiler_options, decode_fn, expert_buffers, generate
 from model.config import ModelConfig
 from model.transformer import Decoder
 
@@ -143,3 +144,15 @@ def test_per_expert_buffers_are_views_and_decode_the_same(params):
     split, stacked = fn(*args, experts), fn(*args)
     np.testing.assert_array_equal(split["tokens"], stacked["tokens"])
     np.testing.assert_allclose(split["logprobs"], stacked["logprobs"], rtol=1e-5)
+
+
+def test_cpu_compiler_options_per_device_count_and_unknown_options_left_out(monkeypatch):
+  """Region-analysis copy insertion always; YNNPACK fusions off only when the
+  rows are split over several devices; an option XLA:CPU does not know is
+  dropped instead of failing the compile."""
+  one, split = cpu_compiler_options(1), cpu_compiler_options(2)
+  assert one == {"xla_cpu_copy_insertion_use_region_analysis": True}
+  assert split == dict(one, xla_cpu_experimental_ynn_fusion_type="")
+  monkeypatch.setattr(generate_module, "COMPILER_OPTIONS",
+                      dict(generate_module.COMPILER_OPTIONS, xla_cpu_no_such_option=True))
+  assert cpu_compiler_options(1) == one

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from decode import data_parallel
-from decode.generate import generate
+from decode import processors as proc
+from decode.generate import decode_fn, generate
 from model.config import ModelConfig
 from model.transformer import Decoder
 
@@ -64,6 +65,18 @@ def test_replicate_shares_one_host_buffer_between_cpu_devices(params):
     assert len(pointers) == 1, "each CPU device got its own copy"
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(orig))
   assert jax.tree.leaves(data_parallel.replicate(rep, 4))[0] is jax.tree.leaves(rep)[0]
+
+
+def test_split_rows_compile_without_ynnpack_fusions(params):
+  """Several CPU devices each run their own rows' loop: decode_fn compiles
+  them with no YNNPACK fusion (decode/generate.py ROW_SPLIT_OPTIONS), whose
+  ops would wait for the core of the other device."""
+  args = (data_parallel.replicate(params, 2), jnp.ones((2, 8), jnp.int32),
+          jnp.full((2,), 8, jnp.int32), proc.SamplingParams.create(2), jax.random.key(0),
+          (np.float32(1.0), np.int32(1)))
+  fn = decode_fn(CFG, "greedy", max_new_tokens=4, cache_len=12, num_devices=2)
+  hlo = fn.lower(*args).compile().as_text()
+  assert " while(" in hlo and "__ynn_fusion" not in hlo
 
 
 def test_split_rows_keeps_row_order():
