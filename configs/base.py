@@ -84,6 +84,6 @@ def get_config() -> ml_collections.ConfigDict:
   k.keep = 3
 
   c.mesh = me = ml_collections.ConfigDict()
-  me.data = 1
+  me.data = -1  # every device the expert axis leaves (devices / expert)
   me.expert = 1
   return c

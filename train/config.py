@@ -104,14 +104,20 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh axis sizes; their product must equal the device count."""
+  """Device mesh axis sizes; their product must equal the device count.
 
-  data: int = 1
+  data = -1 (the default) takes every device the expert axis leaves: the
+  device count / expert (train/mesh.py `make_mesh`).
+  """
+
+  data: int = -1
   expert: int = 1
 
   def __post_init__(self):
     _ints("mesh", self, ("data", "expert"))
-    _check("mesh", self, positive=("data", "expert"))
+    _check("mesh", self, positive=("expert",))
+    if self.data != -1 and self.data < 1:
+      raise ValueError(f"mesh.data: must be > 0, or -1 for every device (got {self.data})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Device mesh from the config and named sharding rules for state and batches.
 
 Mesh: axes ('data', 'expert') of sizes (mesh.data, mesh.expert), product =
-number of devices (all processes'). Batches are split over *both* axes on
+number of devices (all processes'); mesh.data = -1 takes the devices the
+expert axis leaves (the default: pure data parallelism over every device). Batches are split over *both* axes on
 their leading (batch) axis: every device holds different tokens. Expert
 weights [E, ...] are split over 'expert' (E / expert experts per device,
 replicated over 'data'); everything else is replicated. The MoE layer uses
@@ -32,13 +33,20 @@ RULES = (
 def make_mesh(mesh_cfg, num_experts: int = 0, devices: Sequence | None = None) -> Mesh:
   """Mesh ('data', 'expert') from a config with `data` and `expert` sizes.
 
-  Raises ValueError when data * expert != number of devices, or when the
-  experts cannot be split evenly over the expert axis.
+  data = -1 is the number of devices / expert. Raises ValueError when data *
+  expert != number of devices, or when the experts cannot be split evenly
+  over the expert axis.
   """
   devices = list(jax.devices() if devices is None else devices)
   data, expert = mesh_cfg.data, mesh_cfg.expert
-  if data < 1 or expert < 1:
-    raise ValueError(f"mesh: axis sizes must be >= 1 (got data={data}, expert={expert})")
+  if expert < 1 or (data < 1 and data != -1):
+    raise ValueError(f"mesh: axis sizes must be >= 1, or data=-1 for every device "
+                     f"(got data={data}, expert={expert})")
+  if data == -1:
+    if len(devices) % expert:
+      raise ValueError(f"mesh.expert: must divide the number of devices ({len(devices)}) "
+                       f"when mesh.data=-1 (got {expert})")
+    data = len(devices) // expert
   if data * expert != len(devices):
     raise ValueError(f"mesh: data * expert = {data} * {expert} = {data * expert} must equal "
                      f"the number of devices ({len(devices)})")

@@ -102,10 +102,18 @@ def test_checkpoint_from_one_mesh_restores_on_another(tiny_run, tmp_path):
   assert resumed["state"].params["block_1"]["moe"]["w_out"].sharding.mesh.shape["expert"] == 2
 
 
+@pytest.mark.parametrize("expert,shape", [(1, (8, 1)), (2, (4, 2)), (8, (1, 8))])
+def test_default_data_axis_takes_every_device_the_expert_axis_leaves(expert, shape):
+  assert base.get_config().mesh.data == -1  # the default
+  mesh = mesh_lib.make_mesh(MeshConfig(data=-1, expert=expert), 8)
+  assert tuple(mesh.shape.values()) == shape and mesh.devices.size == 8
+
+
 @pytest.mark.parametrize("data,expert,experts,match", [
     (2, 2, 8, r"data \* expert = 2 \* 2 = 4 must equal the number of devices \(8\)"),
     (1, 16, 16, "must equal the number of devices"),
     (2, 4, 6, "mesh.expert: must divide model.num_experts=6"),
+    (-1, 3, 6, r"mesh.expert: must divide the number of devices \(8\) when mesh.data=-1"),
 ])
 def test_invalid_mesh(data, expert, experts, match):
   with pytest.raises(ValueError, match=match):

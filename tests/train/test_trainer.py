@@ -57,6 +57,8 @@ def test_kill_and_resume_is_bitwise_identical(tiny_config, tmp_path):
     ("optimizer", "warmup_steps", 10, "optimizer.warmup_steps"),
     ("checkpoint", "keep", 0, "checkpoint.keep"),
     ("mesh", "expert", 3, "mesh.expert"),
+    ("mesh", "data", 0, "mesh.data"),
+    ("mesh", "data", -2, "mesh.data"),
 ])
 def test_invalid_run_config_raises_before_compiling(tiny_config, section, field, value,
                                                     match):
