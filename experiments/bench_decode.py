@@ -1,6 +1,6 @@
 """Decode throughput: Hugging Face transformers (PyTorch CPU) vs moelab (JAX).
 
-  python -m experiments.bench_decode [--new_tokens=256 --beam_tokens=64 --threads=2 --repeats=3]
+  python -m experiments.bench_decode [--new_tokens=256 --beam_tokens=64 --threads=2 --repeats=5]
 
 Same architecture and identical weights on both sides: a random HF model
 (Llama-like: d_model 256, 4 layers, 8 heads / 2 kv heads, FFN 512, vocab 260;
@@ -14,8 +14,9 @@ exactly the requested number of tokens. Rows:
 
 Columns: HF tokens/s, moelab tokens/s (compiled run; compilation timed
 separately; each the median of --repeats runs taken alternately, HF then
-moelab, after a warm-up of each), their ratio, moelab's no-cache recompute
-baseline (a full forward over the whole fixed-width sequence for every new
+moelab, after a warm-up of each), their ratio (the median over rounds of
+each round's HF time / moelab time, with the lowest and highest round in
+"range"), moelab's no-cache recompute baseline (a full forward over the whole fixed-width sequence for every new
 token, greedy only) and whether both produced the same tokens.
 
 Memory columns (greedy rows): MB/step, the bytes a step must read at least
@@ -63,7 +64,7 @@ _THREADS = flags.DEFINE_integer("threads", 2, "torch threads for HF.")
 _MODELS = flags.DEFINE_list("models", ["llama", "mixtral"], "Architectures.")
 _NO_CACHE = flags.DEFINE_bool("no_cache", True, "Run the no-cache recompute baseline.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows here.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timed runs of each side (median).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timed rounds of both sides.")
 flags.DEFINE_integer("host_devices", _CORES, "JAX CPU devices (read before jax starts).")
 
 ARCH = dict(vocab_size=260, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -124,11 +125,12 @@ def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int):
 
 
 def interleaved(runners: dict, repeats: int):
-  """Runs the runners in turn, `repeats` rounds; returns {name: (median s, tokens)}.
+  """Runs the runners in turn, `repeats` rounds.
 
-  Alternating HF and moelab runs exposes both to the same machine state (the
-  2-core VM this was written on changes speed by up to 2x over minutes), so
-  the ratio of medians is steadier than either figure.
+  Returns {name: (seconds of every round, tokens of the last)}. Alternating
+  HF and moelab runs exposes both to the same machine state (the 2-core VM
+  this was written on changes speed by up to 2-3x over minutes), so the
+  ratio within a round is steadier than either figure (`paired_ratio`).
   """
   times = {name: [] for name in runners}
   tokens = {}
@@ -136,7 +138,13 @@ def interleaved(runners: dict, repeats: int):
     for name, run in runners.items():
       dt, tokens[name] = run()
       times[name].append(dt)
-  return {name: (float(np.median(ts)), tokens[name]) for name, ts in times.items()}
+  return {name: (np.asarray(ts), tokens[name]) for name, ts in times.items()}
+
+
+def paired_ratio(slow_s, fast_s):
+  """(median, min, max) over rounds of slow_s[i] / fast_s[i]: the speed-up."""
+  r = np.asarray(slow_s) / np.asarray(fast_s)
+  return float(np.median(r)), float(r.min()), float(r.max())
 
 
 def time_no_cache(cfg, params, prompt_BxP, new: int):
@@ -228,7 +236,7 @@ def main(argv):
   torch.set_num_threads(_THREADS.value)
   rows = []
   header = (f"{'model':8} {'case':10} {'HF tok/s':>9} {'moelab tok/s':>12} {'dev':>3} "
-            f"{'ratio':>6} {'no-cache tok/s':>14} {'compile s':>9} {'same':>5} "
+            f"{'ratio':>6} {'range':>9} {'no-cache tok/s':>14} {'compile s':>9} {'same':>5} "
             f"{'MB/step':>8} {'GB/s':>5} {'bound tok/s':>11}")
   stream = stream_bandwidth()
   print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.local_device_count()} devices), "
@@ -246,7 +254,9 @@ def main(argv):
       comp_s, devices, ml_run = moelab_runner(cfg, params, prompt, new, beams)
       res = interleaved({"hf": hf_runner(hf, prompt, new, beams), "moelab": ml_run},
                         _REPEATS.value)
-      (hf_s, hf_tokens), (ml_s, ml_tokens) = res["hf"], res["moelab"]
+      (hf_ts, hf_tokens), (ml_ts, ml_tokens) = res["hf"], res["moelab"]
+      hf_s, ml_s = float(np.median(hf_ts)), float(np.median(ml_ts))
+      ratio, lo, hi = paired_ratio(hf_ts, ml_ts)
       nc = float("nan")
       if _NO_CACHE.value and beams == 1:
         nc_s, nc_tokens = time_no_cache(cfg, params, prompt, new)
@@ -255,13 +265,13 @@ def main(argv):
       nbytes = decode_bytes(cfg, params, prompt, ml_tokens) if beams == 1 else float("nan")
       row = dict(model=kind, case=case, hf_tok_s=b * new / hf_s, moelab_tok_s=b * new / ml_s,
                  devices=devices,
-                 ratio=hf_s / ml_s, no_cache_tok_s=nc, compile_s=comp_s, repeats=_REPEATS.value,
+                 ratio=ratio, ratio_range=(lo, hi), no_cache_tok_s=nc, compile_s=comp_s, repeats=_REPEATS.value,
                  same=bool((hf_tokens == ml_tokens[:, :hf_tokens.shape[1]]).all()),
                  mb_per_step=nbytes / new / 1e6, gb_s=nbytes / ml_s / 1e9,
                  bound_tok_s=b * new / (nbytes / (stream * 1e9)), stream_gb_s=stream)
       rows.append(row)
       print(f"{kind:8} {case:10} {row['hf_tok_s']:9.0f} {row['moelab_tok_s']:12.0f} {devices:3d} "
-            f"{row['ratio']:6.1f} {nc:14.0f} {comp_s:9.2f} {str(row['same']):>5} "
+            f"{row['ratio']:6.1f} {f'{lo:.1f}-{hi:.1f}':>9} {nc:14.0f} {comp_s:9.2f} {str(row['same']):>5} "
             f"{row['mb_per_step']:8.1f} {row['gb_s']:5.1f} {row['bound_tok_s']:11.0f}",
             flush=True)
   if _JSON.value:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.bench_decode import decode_bytes
+from experiments.bench_decode import decode_bytes, paired_ratio
 from model.config import ModelConfig
 from model.transformer import Decoder
 
@@ -53,3 +53,8 @@ def test_moe_steps_read_the_union_of_the_rows_experts(top_k, rows, prompt_len, p
   want = new * (dense + cfg.num_moe_layers * per_layer_step * expert) + kv_bytes(
       cfg, rows, prompt_len, new)
   assert decode_bytes(cfg, params, prompt, tokens) == want
+
+
+def test_ratio_is_the_median_of_each_rounds_ratio_not_the_ratio_of_medians():
+  # Round ratios 2, 4, 3: median 3 (the ratio of the medians would be 4 / 1 = 4).
+  assert paired_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == (3.0, 2.0, 4.0)
