@@ -16,8 +16,9 @@ Columns: HF tokens/s, moelab tokens/s (compiled run; compilation timed
 separately; each the median of --repeats runs taken alternately, HF then
 moelab, after a warm-up of each), their ratio (the median over rounds of
 each round's HF time / moelab time, with the lowest and highest round in
-"range"), moelab's no-cache recompute baseline (a full forward over the whole fixed-width sequence for every new
-token, greedy only) and whether both produced the same tokens.
+"range"), moelab's no-cache recompute baseline (a full forward over the
+whole fixed-width sequence for every new token, greedy only) and whether
+both produced the same tokens.
 
 Memory columns (greedy rows): MB/step, the bytes a step must read at least
 (`decode_bytes`: every non-expert weight, the experts any row picked, the
@@ -265,13 +266,15 @@ def main(argv):
       nbytes = decode_bytes(cfg, params, prompt, ml_tokens) if beams == 1 else float("nan")
       row = dict(model=kind, case=case, hf_tok_s=b * new / hf_s, moelab_tok_s=b * new / ml_s,
                  devices=devices,
-                 ratio=ratio, ratio_range=(lo, hi), no_cache_tok_s=nc, compile_s=comp_s, repeats=_REPEATS.value,
+                 ratio=ratio, ratio_range=(lo, hi), no_cache_tok_s=nc, compile_s=comp_s,
+                 repeats=_REPEATS.value,
                  same=bool((hf_tokens == ml_tokens[:, :hf_tokens.shape[1]]).all()),
                  mb_per_step=nbytes / new / 1e6, gb_s=nbytes / ml_s / 1e9,
                  bound_tok_s=b * new / (nbytes / (stream * 1e9)), stream_gb_s=stream)
       rows.append(row)
       print(f"{kind:8} {case:10} {row['hf_tok_s']:9.0f} {row['moelab_tok_s']:12.0f} {devices:3d} "
-            f"{row['ratio']:6.1f} {f'{lo:.1f}-{hi:.1f}':>9} {nc:14.0f} {comp_s:9.2f} {str(row['same']):>5} "
+            f"{row['ratio']:6.1f} {f'{lo:.1f}-{hi:.1f}':>9} {nc:14.0f} {comp_s:9.2f} "
+            f"{str(row['same']):>5} "
             f"{row['mb_per_step']:8.1f} {row['gb_s']:5.1f} {row['bound_tok_s']:11.0f}",
             flush=True)
   if _JSON.value:

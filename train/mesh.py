@@ -2,12 +2,13 @@
 
 Mesh: axes ('data', 'expert') of sizes (mesh.data, mesh.expert), product =
 number of devices (all processes'); mesh.data = -1 takes the devices the
-expert axis leaves (the default: pure data parallelism over every device). Batches are split over *both* axes on
-their leading (batch) axis: every device holds different tokens. Expert
-weights [E, ...] are split over 'expert' (E / expert experts per device,
-replicated over 'data'); everything else is replicated. The MoE layer uses
-the expert-parallel path (model/expert_parallel.py) whenever it is traced
-under `jax.set_mesh(mesh)` with mesh.expert > 1.
+expert axis leaves (the default: pure data parallelism over every device).
+Batches are split over *both* axes on their leading (batch) axis: every
+device holds different tokens. Expert weights [E, ...] are split over
+'expert' (E / expert experts per device, replicated over 'data'); everything
+else is replicated. The MoE layer uses the expert-parallel path
+(model/expert_parallel.py) whenever it is traced under `jax.set_mesh(mesh)`
+with mesh.expert > 1.
 
 Rules are (regex, PartitionSpec) pairs matched with `re.search` against a
 leaf's path ("params/block_1/moe/w_in", "opt_state/0/mu/block_1/moe/w_in");
