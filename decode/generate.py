@@ -53,7 +53,21 @@ PROMPT_BUCKET = 8  # prompt widths are padded to a multiple of this (fewer recom
 # three whole-cache copies per layer and step. Region analysis proves the read
 # precedes the in-place write and inserts none (see model/kv_cache.py).
 # A CPU compiler option (XLA DebugOptions), passed only when compiling for CPU.
-COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+#
+# XLA's tree-reduction rewriter splits every reduction longer than a few
+# dozen elements into a reduce-window plus a reduce: two kernels instead of
+# one for each RMSNorm and each softmax max and sum, about 40 kernels a layer
+# in a batch-1 step that is bound by per-kernel cost. XLA:CPU's own reduction
+# is as accurate here: log-sum-exp over 260, 32k and 128k float32 logits had
+# the same error against float64 with the pass and without it. Disabling it,
+# interleaved A/B of the whole decode in one process (paired medians):
+# llama-like batch 1 1.05x (15 rounds; 1.09-1.10x in an earlier session),
+# Mixtral-like batch 1 1.05x and 1.09x (21 and 15 rounds), llama-like batch 8
+# over two devices 1.06x (13); neutral for Mixtral-like batch 8 (0.99x),
+# beam 4 (llama-like 1.01x, Mixtral-like 1.00x) and 4 rows on one device
+# (1.00x).
+COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True,
+                    "xla_disable_hlo_passes": "tree_reduction_rewriter"}
 # With the rows split over several CPU devices (decode/data_parallel.py, one
 # per core) every core runs its own device's loop. XLA:CPU's YNNPACK fusions
 # spread an op over the shared intra-op threads and then wait for the core

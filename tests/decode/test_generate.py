@@ -120,6 +120,19 @@ def test_compiled_decode_loop_never_copies_the_kv_cache(params, batch, strategy)
   assert not copies, copies[:3]
 
 
+def test_compiled_decode_reduces_in_one_kernel_per_reduction(params):
+  """decode_fn disables XLA's tree-reduction rewriter on CPU: the norms' and
+  softmaxes' reductions (over 64 cache slots here) stay single reduces, with
+  no reduce-window beside them."""
+  if jax.default_backend() != "cpu":
+    return  # a CPU compiler option; other backends compile with their defaults
+  fn = decode_fn(CFG, "greedy", max_new_tokens=8, cache_len=72)
+  args = (params, jnp.ones((1, 64), jnp.int32), jnp.full((1,), 64, jnp.int32),
+          proc.SamplingParams.create(1), jax.random.key(0), (np.float32(1.0), np.int32(1)))
+  hlo = fn.lower(*args).compile().as_text()
+  assert " reduce(" in hlo and "reduce-window" not in hlo
+
+
 def test_per_expert_buffers_are_views_and_decode_the_same(params):
   """Batch 1 and 2 (rows x top-2 <= 4 experts) on CPU decode with per-expert buffers
   (`expert_buffers`): numpy views of the stacked weights placed zero-copy,
@@ -147,11 +160,12 @@ def test_per_expert_buffers_are_views_and_decode_the_same(params):
 
 
 def test_cpu_compiler_options_per_device_count_and_unknown_options_left_out(monkeypatch):
-  """Region-analysis copy insertion always; YNNPACK fusions off only when the
-  rows are split over several devices; an option XLA:CPU does not know is
-  dropped instead of failing the compile."""
+  """Region-analysis copy insertion and no tree-reduction rewriter always;
+  YNNPACK fusions off only when the rows are split over several devices; an
+  option XLA:CPU does not know is dropped instead of failing the compile."""
   one, split = cpu_compiler_options(1), cpu_compiler_options(2)
-  assert one == {"xla_cpu_copy_insertion_use_region_analysis": True}
+  assert one == {"xla_cpu_copy_insertion_use_region_analysis": True,
+                 "xla_disable_hlo_passes": "tree_reduction_rewriter"}
   assert split == dict(one, xla_cpu_experimental_ynn_fusion_type="")
   monkeypatch.setattr(generate_module, "COMPILER_OPTIONS",
                       dict(generate_module.COMPILER_OPTIONS, xla_cpu_no_such_option=True))
