@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from decode import processors as proc
 from decode.cache_windows import grow_while_loop
 from decode.prefill import prefill
+from decode.stopping import stop_hits
 
 NEG = -1.0e9  # HF's "very large negative" score offset.
 LENGTH_PENALTIES = ("hf", "gnmt")
@@ -117,7 +118,6 @@ def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.Samp
   es_never = jnp.asarray(early_stopping) == 2
   b, p = prompt_BxP.shape
   w, n = num_beams, max_new_tokens
-  stop_S = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
   k = max(2, 1 + len(stop_ids)) * w
   lp = lambda m: length_penalty_divisor(m, length_penalty, length_penalty_type)
 
@@ -155,7 +155,7 @@ def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.Samp
     parent_BxK, token_BxK = idx_BxK // vocab, (idx_BxK % vocab).astype(jnp.int32)
     top_tokens_BxKxN = _gather(s.running_tokens_BxWxN, parent_BxK).at[:, :, g].set(token_BxK)
     # 3. stop criteria (stop token, max length) and the next running beams.
-    hits_BxK = jnp.isin(token_BxK, stop_S) | (g + 1 >= n)
+    hits_BxK = stop_hits(token_BxK, stop_ids) | (g + 1 >= n)
     running_BxK = top_scores_BxK + hits_BxK.astype(jnp.float32) * NEG
     _, next_BxW = jax.lax.top_k(running_BxK, w)
     running_tokens = _gather(top_tokens_BxKxN, next_BxW)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from decode import processors as proc
 from decode.cache_windows import grow_while_loop
 from decode.prefill import prefill
+from decode.stopping import stop_hits
 
 STRATEGIES = ("greedy", "sample")
 
@@ -89,7 +90,6 @@ def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingP
   presence = None
   if "repetition_penalty" in active:
     presence = proc.presence_mask(prompt_BxP, jnp.arange(p)[None] < prompt_len_B[:, None], vocab)
-  stop_S = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
   state = SampleState(
       step=jnp.zeros((), jnp.int32),
       tokens_BxN=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
@@ -114,7 +114,7 @@ def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingP
     live_B = ~s.done_B
     tokens = s.tokens_BxN.at[jnp.arange(b), s.num_generated_B].set(x_B, mode="drop")
     num_generated = s.num_generated_B + live_B
-    done = s.done_B | jnp.isin(x_B, stop_S) | (num_generated >= max_new_tokens)
+    done = s.done_B | stop_hits(x_B, stop_ids) | (num_generated >= max_new_tokens)
     presence = s.presence_BxV
     if presence is not None:
       presence = presence.at[jnp.arange(b), x_B].max(live_B)
