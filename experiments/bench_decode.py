@@ -35,6 +35,11 @@ Both sides get the same cores: HF runs with `torch.set_num_threads(threads)`
 (set here before jax starts; `--host_devices` overrides), over which a batch's
 rows are split (decode/data_parallel.py; the "dev" column). The batch-1 and
 beam rows have one prompt, so they run on one device.
+
+On a GPU machine moelab runs on JAX's default backend (the GPU) and
+`--hf_device=cuda` puts the HF model there too; run both in float32 without
+TF32 (`JAX_DEFAULT_MATMUL_PRECISION=highest`; PyTorch's default) so that the
+tokens still match. `JAX_PLATFORMS=cpu` gives the CPU comparison above.
 """
 
 import json
@@ -62,6 +67,7 @@ _NEW = flags.DEFINE_integer("new_tokens", 256, "Greedy new tokens per row.")
 _BEAM_NEW = flags.DEFINE_integer("beam_tokens", 64, "Beam-search new tokens.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch threads for HF.")
+_HF_DEVICE = flags.DEFINE_string("hf_device", "cpu", "torch device of the HF model (cpu, cuda).")
 _MODELS = flags.DEFINE_list("models", ["llama", "mixtral"], "Architectures.")
 _NO_CACHE = flags.DEFINE_bool("no_cache", True, "Run the no-cache recompute baseline.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows here.")
@@ -87,7 +93,7 @@ def hf_runner(hf, prompt_BxP, new: int, beams: int):
             eos_token_id=None)
   if beams > 1:
     kw.update(num_beams=beams, early_stopping=True)
-  ids = torch.tensor(prompt_BxP)
+  ids = torch.tensor(prompt_BxP, device=hf.device)
   with torch.no_grad():
     hf.generate(ids[:, :8], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
 
@@ -95,7 +101,9 @@ def hf_runner(hf, prompt_BxP, new: int, beams: int):
     with torch.no_grad():
       t = time.perf_counter()
       out = hf.generate(ids, **kw)
-      return time.perf_counter() - t, out[:, prompt_BxP.shape[1]:].numpy()
+      if out.is_cuda:
+        torch.cuda.synchronize()
+      return time.perf_counter() - t, out[:, prompt_BxP.shape[1]:].cpu().numpy()
   return run
 
 
@@ -241,13 +249,14 @@ def main(argv):
             f"{'MB/step':>8} {'GB/s':>5} {'bound tok/s':>11}")
   stream = stream_bandwidth()
   print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.local_device_count()} devices), "
-        f"torch {torch.__version__} ({_THREADS.value} threads), "
+        f"torch {torch.__version__} ({_HF_DEVICE.value}, {_THREADS.value} threads), "
         f"transformers {transformers.__version__}; streaming read {stream:.1f} GB/s")
   print(header)
   for kind in _MODELS.value:
     hf = hf_model(kind)
     cfg = config_from_hf(hf.config)
     params = params_from_hf(hf.state_dict(), cfg)
+    hf = hf.to(_HF_DEVICE.value)
     rng = np.random.default_rng(0)
     for case, b, new, beams in [("greedy b1", 1, _NEW.value, 1), ("greedy b8", 8, _NEW.value, 1),
                                 ("beam 4", 1, _BEAM_NEW.value, 4)]:
@@ -264,7 +273,7 @@ def main(argv):
         nc = b * new / nc_s
         assert (nc_tokens == ml_tokens).mean() > 0.9
       nbytes = decode_bytes(cfg, params, prompt, ml_tokens) if beams == 1 else float("nan")
-      row = dict(model=kind, case=case, hf_tok_s=b * new / hf_s, moelab_tok_s=b * new / ml_s,
+      row = dict(model=kind, case=case, hf_device=_HF_DEVICE.value, backend=jax.default_backend(), hf_tok_s=b * new / hf_s, moelab_tok_s=b * new / ml_s,
                  devices=devices,
                  ratio=ratio, ratio_range=(lo, hi), no_cache_tok_s=nc, compile_s=comp_s,
                  repeats=_REPEATS.value,
