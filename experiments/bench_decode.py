@@ -273,8 +273,9 @@ def main(argv):
         nc = b * new / nc_s
         assert (nc_tokens == ml_tokens).mean() > 0.9
       nbytes = decode_bytes(cfg, params, prompt, ml_tokens) if beams == 1 else float("nan")
-      row = dict(model=kind, case=case, hf_device=_HF_DEVICE.value, backend=jax.default_backend(), hf_tok_s=b * new / hf_s, moelab_tok_s=b * new / ml_s,
-                 devices=devices,
+      row = dict(model=kind, case=case, hf_device=_HF_DEVICE.value,
+                 backend=jax.default_backend(), hf_tok_s=b * new / hf_s,
+                 moelab_tok_s=b * new / ml_s, devices=devices,
                  ratio=ratio, ratio_range=(lo, hi), no_cache_tok_s=nc, compile_s=comp_s,
                  repeats=_REPEATS.value,
                  same=bool((hf_tokens == ml_tokens[:, :hf_tokens.shape[1]]).all()),
