@@ -2,21 +2,31 @@
 
 Many tests compile the same tiny programs (a train step per run in the
 resume test, the same model in several tests); the cache turns repeats into
-loads. It lives in a fresh temporary directory per session (subprocesses
-inherit it through the environment), so nothing stale carries across runs.
+loads. It lives in a fresh temporary directory per session (pytest-xdist
+workers and subprocesses inherit it through the environment), so nothing
+stale carries across runs; the process that made it removes it at the end.
 
 Fixture `corpus`: a tiny local text corpus (tests make their own data).
 """
 
 import os
+import shutil
 import tempfile
 
 import pytest
 
-_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                               tempfile.mkdtemp(prefix="moelab-xla-cache-"))
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moelab-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+  """Removes the session's compilation cache (about 30 MB) if this process made it."""
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture
