@@ -41,7 +41,7 @@ from decode.beam_search import beam_search_loop, early_stopping_code, length_pen
 from decode.cache_windows import cache_windows
 from decode.sampling import STRATEGIES as SAMPLING_STRATEGIES
 from decode.sampling import sample_loop
-from model import moe
+from kernels import moe_cpu
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.transformer import Decoder
@@ -104,71 +104,42 @@ class GenerateOutput:
     return [t[:n].tolist() for t, n in zip(self.tokens, self.lengths)]
 
 
-def make_step_fn(cfg: ModelConfig, params, experts=None):
+def make_step_fn(cfg: ModelConfig, params):
   """step_fn(tokens_BxL, positions_BxL, cache, fresh=False, logits_at_B=None)
-  -> (logits_BxLxV, cache); see `Decoder.decode` and decode/prefill.py.
-
-  experts: optional per-expert weight buffers (`expert_buffers`), which the
-  MoE layers' small-N dropless paths read in place (model/dispatch.py).
-  """
+  -> (logits_BxLxV, cache); see `Decoder.decode` and decode/prefill.py."""
   model = Decoder(cfg)
-  variables = {"params": params}
-  if experts is not None:
-    variables[moe.COLLECTION] = experts
   return lambda t, p, c, fresh=False, logits_at_B=None: model.apply(
-      variables, t, p, c, fresh, logits_at_B, method=Decoder.decode)
+      {"params": params}, t, p, c, fresh, logits_at_B, method=Decoder.decode)
 
 
-def use_split_experts(cfg: ModelConfig, rows_per_device: int, num_beams: int = 1) -> bool:
-  """Whether decode steps read per-expert buffers (`dispatch.per_expert_moe`).
-
-  Only on CPU, where XLA copies every slice of the stacked expert weights it
-  multiplies; only when a step has at most E assignments (rows * top-k
-  <= E); and not for beam search. Mixtral-like (E 8, top-2), interleaved
-  A/B in one process, paired median speed-up of the whole decode over the
-  stacked path: batch 1 0.95-1.14x (six runs, median 1.06x), 4 rows on one
-  device 1.15x, batch 8 split 4 + 4 over two devices 1.41x. Slower, so
-  excluded: 8 rows on one device (16 assignments) 0.98x, where XLA spreads
-  the stacked path's slice copies over the idle core; beam 4 0.85x, whose
-  beams share a prefix and mostly pick the same experts, which the stacked
-  expert loop reads once for all its rows and the switch once per row.
+def uses_moe_kernel(cfg: ModelConfig) -> bool:
+  """Whether decode steps run the MoE layers in the C++ CPU expert kernel
+  (kernels/moe_cpu.py): on the CPU backend, for float32 sparse dropless
+  MoE, when the kernel builds (else the XLA paths of `dispatch.dropless_moe`).
+  It reads every chosen expert once, in place, for all its rows, split over
+  the device's cores. Mixtral-like on the 2-core VM, interleaved A/B in one
+  process (paired median speed-up of the whole decode over the XLA paths it
+  replaced, 9 rounds): batch 1 1.47x and beam 4 1.46x (2 threads; over
+  per-expert weight buffers with a `lax.switch` per assignment, and the
+  stacked expert loop), batch 8 1.23x (over per-expert buffers; two devices
+  with 1 thread each and one device with 2 threads alike).
   """
-  return (jax.default_backend() == "cpu" and cfg.num_experts > 0 and num_beams == 1
-          and cfg.moe_mode == "sparse" and cfg.moe_dispatch == "dropless"
-          and rows_per_device * cfg.moe_top_k <= cfg.num_experts)
+  return (jax.default_backend() == "cpu" and cfg.num_experts > 0 and cfg.moe_mode == "sparse"
+          and cfg.moe_dispatch == "dropless" and cfg.dtype == "float32" and moe_cpu.available())
 
 
-# Contraction parts of the per-expert buffers when a device has this many
-# cores to itself. Mixtral-like, one device on this project's 2-core VM,
-# interleaved A/B in one process (paired median speed-up of the whole decode
-# over unsplit buffers, 9 rounds): batch 1 1.30x (range 1.13-1.58), 4 rows
-# 1.26x (1.17-1.40). With the cores busy (8 rows on two devices) 0.97x.
-EXPERT_PARTS = 2
+def moe_kernel_config(cfg: ModelConfig, num_devices: int = 1) -> ModelConfig:
+  """cfg with `moe_kernel_threads` set when `uses_moe_kernel`: the cores
+  each of the `num_devices` devices has to itself (at least 1)."""
+  if cfg.moe_kernel_threads or not uses_moe_kernel(cfg):
+    return cfg
+  return dataclasses.replace(cfg, moe_kernel_threads=max(1, _cores() // num_devices))
 
 
-def expert_buffers(cfg: ModelConfig, params, rows_per_device: int, num_devices: int = 1,
-                   num_beams: int = 1):
-  """The `experts` argument of `decode_fn`'s function, or None.
-
-  Every MoE layer's experts as separate arrays (model/moe.py
-  `split_expert_params`) when `use_split_experts`. They are numpy views of
-  the stacked params placed zero-copy on the CPU device(s): no weight is
-  copied, here or in the jitted loop. When each device has at least two
-  cores to itself (one device on a 2-core machine), every expert's
-  contraction is split in two (`dispatch.matvec`) so that both cores
-  stream its weights: see `EXPERT_PARTS`.
-  """
-  if not use_split_experts(cfg, rows_per_device, num_beams):
-    return None
-  parts = EXPERT_PARTS
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  if ((cores or 1) < parts * num_devices
-      or cfg.d_model % parts or cfg.expert_ffn_dim % parts):
-    parts = 1
-  views = moe.split_expert_params(jax.tree.map(np.asarray, params), parts)
-  if num_devices == 1:
-    return jax.device_put(views, jax.local_devices()[0])  # zero-copy on CPU
-  return data_parallel.replicate(views, num_devices)
+def _cores() -> int:
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -176,8 +147,7 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
               stop_ids: tuple = (), pad_id: int = 0, active: tuple = (), num_beams: int = 1,
               length_penalty_type: str = "hf", min_tokens_to_keep: int = 1,
               num_devices: int = 1, cache_growth: float = 2.0):
-  """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng, beam,
-  experts=None) -> dict.
+  """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng, beam) -> dict.
 
   `beam` = (length_penalty float32 [], early_stopping_code int32 []): run-time
   values, so one compilation serves every length penalty. The dict holds
@@ -188,15 +158,19 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
   devices (decode/data_parallel.py): each runs prefill and its own while_loop
   over its block. Sampling keys are per row, split from `rng` before the
   split, so results do not depend on num_devices. Pass params placed by
-  `data_parallel.replicate(params, num_devices)` and `experts` from
-  `expert_buffers` (`generate` does both); `experts` changes only speed.
+  `data_parallel.replicate(params, num_devices)` (`generate` does).
+
+  On CPU, MoE models run their decode steps in the C++ expert kernel
+  (`moe_kernel_config`).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES} (got {strategy!r})")
 
-  def rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam, experts):
+  cfg = moe_kernel_config(cfg, num_devices)
+
+  def rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam):
     b = prompt_BxP.shape[0]
-    step_fn = make_step_fn(cfg, params, experts)
+    step_fn = make_step_fn(cfg, params)
     windows = cache_windows(prompt_BxP.shape[1], cache_len, cache_growth)
     cache = KVCache.init(cfg, b, windows[0])
     if strategy == "beam":
@@ -217,11 +191,11 @@ def decode_fn(cfg: ModelConfig, strategy: str, *, max_new_tokens: int, cache_len
     return {"tokens": s.tokens_BxN, "lengths": s.num_generated_B, "logprobs": s.logprob_B,
             "scores": s.logprob_B}
 
-  rows = data_parallel.split_rows(rows, num_devices, replicated_args=(0, 5, 6))
+  rows = data_parallel.split_rows(rows, num_devices, replicated_args=(0, 5))
 
-  def run(params, prompt_BxP, prompt_len_B, sp, rng, beam, experts=None):
+  def run(params, prompt_BxP, prompt_len_B, sp, rng, beam):
     rng_B = jax.random.split(rng, prompt_BxP.shape[0])
-    return rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam, experts)
+    return rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam)
 
   on_cpu = jax.default_backend() == "cpu"
   return jax.jit(run, compiler_options=cpu_compiler_options(num_devices) if on_cpu else None)
@@ -325,10 +299,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                  min_tokens_to_keep=min_tokens_to_keep, num_devices=num_devices,
                  cache_growth=cache_growth)
   beam = (np.float32(length_penalty), np.int32(early_stopping_code(early_stopping)))
-  experts = expert_buffers(cfg, params, prompt_BxP.shape[0] // num_devices, num_devices,
-                           num_beams if strategy == "beam" else 1)
   params = data_parallel.replicate(params, num_devices)
-  out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, jax.random.key(seed), beam, experts))
+  out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, jax.random.key(seed), beam))
   keep = num_return_sequences if strategy == "beam" else rows
   sel = (np.arange(b)[:, None] * rows + np.arange(keep)[None]).reshape(-1)
   return GenerateOutput(tokens=np.asarray(out["tokens"])[sel],

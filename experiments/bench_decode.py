@@ -58,7 +58,8 @@ from absl import app, flags  # noqa: E402
 
 from decode import data_parallel  # noqa: E402
 from decode import processors as proc  # noqa: E402
-from decode.generate import decode_fn, expert_buffers, pad_prompts  # noqa: E402
+from decode.generate import decode_fn, pad_prompts  # noqa: E402
+from kernels import moe_cpu  # noqa: E402
 from model.hf_interop import config_from_hf, params_from_hf  # noqa: E402
 from model.router import Router  # noqa: E402
 from model.transformer import Decoder  # noqa: E402
@@ -118,9 +119,8 @@ def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int):
   fn = decode_fn(cfg, strategy, max_new_tokens=new, cache_len=prompt.shape[1] + new,
                  pad_id=0, num_beams=beams, num_devices=devices)
   sp = proc.SamplingParams.create(prompt.shape[0] * beams)
-  experts = expert_buffers(cfg, params, prompt.shape[0] // devices, devices, beams)
   args = (data_parallel.replicate(params, devices), jnp.asarray(prompt), jnp.asarray(lens), sp,
-          jax.random.key(0), (np.float32(1.0), np.int32(1)), experts)
+          jax.random.key(0), (np.float32(1.0), np.int32(1)))
   t = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t
@@ -250,7 +250,8 @@ def main(argv):
   stream = stream_bandwidth()
   print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.local_device_count()} devices), "
         f"torch {torch.__version__} ({_HF_DEVICE.value}, {_THREADS.value} threads), "
-        f"transformers {transformers.__version__}; streaming read {stream:.1f} GB/s")
+        f"transformers {transformers.__version__}; streaming read {stream:.1f} GB/s; "
+        f"MoE decode steps: {'C++ expert kernel' if moe_cpu.available() else 'XLA'}")
   print(header)
   for kind in _MODELS.value:
     hf = hf_model(kind)

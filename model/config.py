@@ -60,6 +60,10 @@ class ModelConfig:
       'padded' (fixed worst-case buffers, any backend) or 'auto' (ragged
       unless the backend is CPU). Used only under a mesh with an `expert`
       axis of size > 1.
+    moe_kernel_threads: decode steps (at most `dispatch.SMALL_N` tokens) of
+      the dropless path run the C++ CPU expert kernel (kernels/moe_cpu.py)
+      over this many threads; 0: XLA. Forward only (no gradient); set by
+      decode/generate.py `moe_kernel_config` on CPU, not by training.
     capacity_factor: training capacity factor (Switch; ST-MoE uses 1.25).
     eval_capacity_factor: evaluation capacity factor (ST-MoE uses 2.0).
     router_noise: 'none' | 'shazeer' (noisy top-k gating, Shazeer 2017 eq. 4)
@@ -96,6 +100,7 @@ class ModelConfig:
   moe_dispatch: str = "capacity"
   moe_gate: str = "topk_softmax"
   moe_ep_exchange: str = "auto"
+  moe_kernel_threads: int = 0
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   router_noise: str = "none"
@@ -137,7 +142,7 @@ class ModelConfig:
               "ffn_dim", "max_seq_len", "moe_top_k", "moe_every"):
       if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
         err(f, "must be a positive integer")
-    for f in ("head_dim", "num_experts", "moe_ffn_dim"):
+    for f in ("head_dim", "num_experts", "moe_ffn_dim", "moe_kernel_threads"):
       if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
         err(f, "must be a non-negative integer")
     if self.num_heads % self.num_kv_heads:

@@ -16,7 +16,7 @@ Three interchangeable implementations of that sum:
   (MegaBlocks, Gale et al. 2022). Decode-sized N takes `expert_loop_moe`
   (one expert at a time on its own tokens, unused experts skipped) or, with
   fewer assignments than experts, a gather of the chosen experts' weights;
-  given the experts as separate buffers (CPU decoding), `per_expert_moe`.
+  on CPU, the C++ expert kernel (kernels/moe_cpu.py).
 * `dense_moe`: every expert on every token, weighted by softmax over all E
   (moe_mode='dense').
 
@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from kernels import moe_cpu
 from kernels.grouped_matmul import grouped_mlp
 from model.ffn import swiglu
 
@@ -215,85 +216,19 @@ def expert_loop_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out):
   return jax.lax.fori_loop(0, num_experts, body, jnp.zeros_like(x_NxD))
 
 
-def per_expert_moe(x_NxD, expert_NxK, gate_NxK, w_in_E, w_out_E):
-  """Dropless MoE over experts stored as E separate arrays (see `split_experts`).
-
-      y[n] = sum_j gate[n, j] * SwiGLU_{expert[n, j]}(x[n])
-
-  One `lax.switch` per assignment (n, j) picks expert[n, j]'s branch, which
-  multiplies the row x[n] by that expert's own weight buffers in place. Why:
-  XLA:CPU copies any slice of the stacked [E, ...] weights (gather, static
-  or dynamic slice alike) into a fresh buffer before a dot, so the stacked
-  form reads and writes every chosen expert's weights once more per step;
-  with separate buffers a 1-row product (a matrix-vector product) streams
-  them directly. Several rows of one expert multiply it separately: the
-  weights are re-read from cache, while a product with more rows packs
-  (copies) them. Measured on decode steps with N*K <= E, faster than the
-  unrolled expert loop over the same buffers (decode/generate.py
-  `use_split_experts`, README "Decode benchmark"). A `fori_loop` over the
-  N*K assignments keeps one switch in the program.
-
-  w_in_E, w_out_E: sequences of E arrays [D, 2F] and [F, D], or with the
-  contraction split in P parts, [P, D/P, 2F] and [P, F/P, D] (`split_experts`
-  with parts=P; `matvec`).
-  """
-  n, k = expert_NxK.shape
-  branches = [lambda x_1xD, e=e: matvec(swiglu(matvec(x_1xD, w_in_E[e])), w_out_E[e])
-              for e in range(len(w_in_E))]
-
-  def body(m, y_NxD):
-    i, j = m // k, m % k
-    x_1xD = jax.lax.dynamic_slice_in_dim(x_NxD, i, 1)
-    y_1xD = jax.lax.switch(expert_NxK[i, j], branches, x_1xD)
-    return y_NxD.at[i].add(gate_NxK[i, j].astype(y_1xD.dtype) * y_1xD[0])
-
-  return jax.lax.fori_loop(0, n * k, body, jnp.zeros_like(x_NxD))
-
-
-def matvec(x_MxK, w):
-  """x @ w for w [K, N]; for w [P, K/P, N], the same product with the
-  contraction split in P parts: one P-batched product, then a sum over p,
-
-      y = sum_p x[:, p*K/P : (p+1)*K/P] @ w[p]
-
-  XLA:CPU runs a plain 1-row product inside a `lax.switch` branch on one
-  core; the batched form spreads its parts over the intra-op threads, so an
-  otherwise idle core streams half of the weights (`split_experts`).
-  """
-  if w.ndim == 2:
-    return x_MxK @ w
-  x_PxMxK = rearrange(x_MxK, "m (p k) -> p m k", p=w.shape[0])
-  return jnp.einsum("pmk,pkn->pmn", x_PxMxK, w).sum(0)
-
-
-def split_experts(w_in, w_out, parts: int = 1):
-  """Stacked expert weights -> (w_in_E, w_out_E): tuples of E separate arrays.
-
-  parts > 1 gives every expert its contraction split in `parts` (`matvec`):
-  w_in[e] as [P, D/P, 2F] and w_out[e] as [P, F/P, D], reshapes of the same
-  memory. On CPU, numpy views of the stacked arrays make these without a
-  copy (decode/generate.py `expert_buffers`); under jit the slices are copies.
-  """
-  def one(w_ExKxN, e):
-    w = w_ExKxN[e]
-    return w if parts == 1 else w.reshape(parts, w.shape[0] // parts, w.shape[1])
-  return (tuple(one(w_in, e) for e in range(w_in.shape[0])),
-          tuple(one(w_out, e) for e in range(w_out.shape[0])))
-
-
-def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, split=None):
+def dropless_moe(x_NxD, expert_NxK, gate_NxK, w_in, w_out, kernel_threads: int = 0):
   """Sort by expert + grouped matmul (ragged_dot); no token is dropped.
 
   Small N (decode steps), where sort/scatter overhead and weight reads cost
-  more than FLOPs: given the experts as separate buffers (`split` =
-  (w_in_E, w_out_E)) and at most E assignments (N*K <= E), `per_expert_moe`
-  reads the chosen experts in place; else with N*K < E the chosen experts'
-  weights are gathered from the stacked weights; otherwise, for N <=
-  SMALL_N, `expert_loop_moe`. All give the same sum.
+  more than FLOPs: with `kernel_threads` > 0 (CPU, float32), the C++ expert
+  kernel (kernels/moe_cpu.py) reads every chosen expert once, in place, for
+  all its rows; else with N*K < E the chosen experts' weights are gathered
+  from the stacked weights; otherwise, for N <= SMALL_N, `expert_loop_moe`.
+  All give the same sum.
   """
   n, k = expert_NxK.shape
-  if split is not None and n * k <= w_in.shape[0]:  # where measured faster (generate.py)
-    return per_expert_moe(x_NxD, expert_NxK, gate_NxK, *split)
+  if kernel_threads and n <= SMALL_N and x_NxD.dtype == w_in.dtype == jnp.float32:
+    return moe_cpu.moe_ffn(x_NxD, expert_NxK, gate_NxK, w_in, w_out, threads=kernel_threads)
   if n * k < w_in.shape[0]:  # fewer assignments than experts: read only theirs
     flat_M = expert_NxK.reshape(-1)
     x_Mx1xD = jnp.repeat(x_NxD, k, axis=0)[:, None]

@@ -15,14 +15,12 @@ routing statistics are those of the global batch. Otherwise the
 single-device functions run (under jit they are partitioned by XLA).
 
 Expert weights: w_in (E, D, 2F) [gate | up fused], w_out (E, F, D).
-Decoding on CPU may also pass them split per expert, in the `experts`
-variable collection (`split_expert_params`): the dropless path then reads the
-chosen experts in place (`per_expert_moe`) instead of copying their slices.
+Decoding on CPU runs the dropless path's small steps in the C++ expert
+kernel (`cfg.moe_kernel_threads`, kernels/moe_cpu.py), which reads every
+chosen expert once, in place, for all of its rows.
 Shape names: B batch, L length, N = B*L tokens, D width, E experts,
 K = top-k, C capacity, F expert hidden width.
 """
-
-from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -32,33 +30,10 @@ from einops import rearrange
 from model import expert_parallel
 from model.config import ModelConfig
 from model.dispatch import (capacity_moe, capacity_slots, dense_moe, dropless_moe,  # noqa: F401
-                            expert_capacity, expert_ffn, split_experts)
+                            expert_capacity, expert_ffn)
 from model.ffn import fan_in_init
 from model.router import Router, Routing
 from model.routing_losses import router_stats
-
-COLLECTION = "experts"  # optional variable collection: per-expert weight buffers
-
-
-def split_expert_params(params, parts: int = 1) -> dict:
-  """The `experts` collection for `Decoder.apply`: every MoE layer's w_in and
-  w_out as tuples of E separate arrays (`split_experts`, contraction split in
-  `parts`), at the layer's path.
-
-      model.apply({"params": params, "experts": split_expert_params(params)}, ...)
-
-  Works on any arrays; given numpy views of the params (CPU), the per-expert
-  arrays are views too and cost no memory (decode/generate.py).
-  """
-  out = {}
-  for name, sub in params.items():
-    if name == "moe" and "w_in" in sub:
-      out[name] = dict(zip(("w_in", "w_out"),
-                           split_experts(sub["w_in"], sub["w_out"], parts)))
-    elif isinstance(sub, Mapping) and (inner := split_expert_params(sub, parts)):
-      out[name] = inner
-  return out
-
 
 class MoE(nn.Module):
   """x_BxLxD -> (y_BxLxD, RouterStats). Params: router/w_gate, w_in, w_out."""
@@ -88,11 +63,8 @@ class MoE(nn.Module):
     if cfg.moe_mode == "dense":
       y, dropped = dense_moe(x_NxD, routing.probs_NxE, w_in, w_out), 0.0
     elif cfg.moe_dispatch == "dropless":
-      split = None
-      if self.has_variable(COLLECTION, "w_in"):
-        split = tuple(tuple(w.astype(dt) for w in self.get_variable(COLLECTION, name))
-                      for name in ("w_in", "w_out"))
-      y = dropless_moe(x_NxD, routing.expert_NxK, routing.gate_NxK, w_in, w_out, split)
+      y = dropless_moe(x_NxD, routing.expert_NxK, routing.gate_NxK, w_in, w_out,
+                       kernel_threads=cfg.moe_kernel_threads)
       dropped = 0.0
     else:
       capacity = expert_capacity(x_NxD.shape[0], cfg.num_experts, cfg.moe_top_k, factor)

@@ -9,7 +9,8 @@ import pytest
 
 from decode import processors as proc
 from decode import generate as generate_module
-from decode.generate import cpu_compiler_options, decode_fn, expert_buffers, generate
+from decode.generate import cpu_compiler_options, decode_fn, generate
+from kernels import moe_cpu
 from model.config import ModelConfig
 from model.transformer import Decoder
 
@@ -133,30 +134,34 @@ def test_compiled_decode_reduces_in_one_kernel_per_reduction(params):
   assert " reduce(" in hlo and "reduce-window" not in hlo
 
 
-def test_per_expert_buffers_are_views_and_decode_the_same(params):
-  """Batch 1 and 2 (rows x top-2 <= 4 experts) on CPU decode with per-expert buffers
-  (`expert_buffers`): numpy views of the stacked weights placed zero-copy,
-  giving the same tokens and log-probabilities as the stacked weights."""
-  params = jax.device_put(params)
-  if jax.default_backend() != "cpu":  # a CPU-only path: elsewhere the stacked weights
-    assert expert_buffers(CFG, params, rows_per_device=1) is None
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_cpu_expert_kernel_decodes_the_same_as_xla(params, monkeypatch, strategy):
+  """On CPU, MoE decode steps run the C++ expert kernel (kernels/moe_cpu.py,
+  `moe_kernel_config`): the compiled loop calls it, and batch 1 and 2 give
+  the same tokens and log-probabilities as the XLA dispatch."""
+  if jax.default_backend() != "cpu":
+    assert not generate_module.uses_moe_kernel(CFG)
     return
-  assert expert_buffers(CFG, params, rows_per_device=3) is None  # 3 x top-2 > 4 experts
-  assert expert_buffers(CFG, params, rows_per_device=1, num_beams=2) is None  # beam search
-  experts = expert_buffers(CFG, params, rows_per_device=1)
-  w_in = params["block_1"]["moe"]["w_in"]
-  views = experts["block_1"]["moe"]["w_in"]
-  assert len(views) == CFG.num_experts and set(experts) == {"block_1"}
-  for e, v in enumerate(views):
-    assert v.unsafe_buffer_pointer() == w_in.unsafe_buffer_pointer() + e * v.nbytes
-  fn = decode_fn(CFG, "greedy", max_new_tokens=10, cache_len=16)
-  for prompt, lens in [([[5, 7, 9, 11, 2, 0, 0, 0]], [5]),
-                       ([[5, 7, 9, 11, 2, 0, 0, 0], [3, 1, 4, 1, 5, 9, 2, 6]], [5, 8])]:
-    args = (params, jnp.asarray(prompt), jnp.asarray(lens), proc.SamplingParams.create(len(lens)),
-            jax.random.key(0), (np.float32(1.0), np.int32(1)))
-    split, stacked = fn(*args, experts), fn(*args)
-    np.testing.assert_array_equal(split["tokens"], stacked["tokens"])
-    np.testing.assert_allclose(split["logprobs"], stacked["logprobs"], rtol=1e-5)
+  assert generate_module.moe_kernel_config(CFG, num_devices=1).moe_kernel_threads >= 1
+  prompts = [[5, 7, 9, 11, 2], [3, 1, 4, 1, 5, 9, 2, 6]]
+  kw = dict(strategy=strategy, max_new_tokens=10, num_beams=2, num_return_sequences=2,
+            num_devices=1)
+  decode_fn.cache_clear()
+  hlo = decode_fn(CFG, strategy, max_new_tokens=10, cache_len=16, num_beams=2).lower(
+      params, jnp.ones((1, 8), jnp.int32), jnp.full((1,), 8, jnp.int32),
+      proc.SamplingParams.create(2 if strategy == "beam" else 1), jax.random.key(0),
+      (np.float32(1.0), np.int32(1))).as_text()
+  assert moe_cpu.TARGET in hlo
+  with_kernel = [generate(CFG, params, prompts[:b], **kw) for b in (1, 2)]
+  monkeypatch.setattr(generate_module, "uses_moe_kernel", lambda cfg: False)
+  decode_fn.cache_clear()
+  try:
+    with_xla = [generate(CFG, params, prompts[:b], **kw) for b in (1, 2)]
+  finally:
+    decode_fn.cache_clear()
+  for k, x in zip(with_kernel, with_xla):
+    np.testing.assert_array_equal(k.tokens, x.tokens)
+    np.testing.assert_allclose(k.logprobs, x.logprobs, rtol=1e-5)
 
 
 def test_cpu_compiler_options_per_device_count_and_unknown_options_left_out(monkeypatch):

@@ -1,10 +1,13 @@
 """MoE layer against per-token references."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels import moe_cpu
 from model import dispatch
 from model import moe as moe_lib
 from model.config import ModelConfig
@@ -154,35 +157,27 @@ def test_dropless_small_and_grouped_paths_equal_capacity(n):
   y_cap, _ = moe_lib.capacity_moe(x, expert, gate, w_in, w_out, capacity=2 * n)
   np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out), y_cap,
                              atol=1e-5)
-  # With the per-expert buffers too (`per_expert_moe` when N*K <= E), whole
-  # or with each expert's contraction split in two (`matvec`).
-  for parts in (1, 2):
-    split = dispatch.split_experts(w_in, w_out, parts)
-    assert split[0][0].shape == ((D, 2 * F) if parts == 1 else (2, D // 2, 2 * F))
-    assert split[1][0].shape == ((F, D) if parts == 1 else (2, F // 2, D))
-    np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out, split),
-                               y_cap, atol=1e-5)
+  if jax.default_backend() == "cpu":  # the C++ CPU expert kernel (decode steps, N <= SMALL_N)
+    for threads in (1, 2):
+      np.testing.assert_allclose(
+          moe_lib.dropless_moe(x, expert, gate, w_in, w_out, kernel_threads=threads), y_cap,
+          atol=1e-5)
 
 
-@pytest.mark.parametrize("n", [1, 3, 4, 5, dispatch.SMALL_N + 1])
-def test_experts_collection_is_read_exactly_when_assignments_are_at_most_experts(n):
-  """MoE with the `experts` collection (per-expert buffers): the same output;
-  and proof the buffers are what is read: zeroed buffers zero the output
-  when N*K <= E (`per_expert_moe`) and change nothing otherwise (the expert
-  loop or grouped matmul on the stacked weights)."""
+@pytest.mark.parametrize("n", [1, 5, dispatch.SMALL_N, dispatch.SMALL_N + 1])
+def test_kernel_threads_run_the_cpu_kernel_exactly_for_small_steps(n):
+  """MoE with `moe_kernel_threads`: the same output, and the program calls
+  the C++ expert kernel exactly when N <= SMALL_N (a decode step)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the C++ expert kernel runs on the CPU backend only")
   cfg = ModelConfig(d_model=D, num_heads=1, num_kv_heads=1, ffn_dim=F, num_experts=8,
                     moe_top_k=2, moe_dispatch="dropless", vocab_size=11)
   x = jax.random.normal(jax.random.key(3), (1, n, D))
   layer = moe_lib.MoE(cfg)
   params = layer.init(jax.random.key(0), x)["params"]
   y, _ = layer.apply({"params": params}, x)
-  experts = moe_lib.split_expert_params({"moe": params})["moe"]
-  assert len(experts["w_in"]) == 8 and experts["w_in"][3].shape == (D, 2 * F)
-  y_split, _ = layer.apply({"params": params, moe_lib.COLLECTION: experts}, x)
-  np.testing.assert_allclose(y_split, y, atol=1e-5)
-  zeros = jax.tree.map(jnp.zeros_like, experts)
-  y_zero, _ = layer.apply({"params": params, moe_lib.COLLECTION: zeros}, x)
-  if n * 2 <= 8:
-    np.testing.assert_array_equal(y_zero, 0.0)
-  else:
-    np.testing.assert_allclose(y_zero, y, atol=1e-5)
+  kernel_layer = moe_lib.MoE(dataclasses.replace(cfg, moe_kernel_threads=2))
+  y_kernel, _ = kernel_layer.apply({"params": params}, x)
+  np.testing.assert_allclose(y_kernel, y, atol=1e-5)
+  hlo = jax.jit(kernel_layer.apply).lower({"params": params}, x).as_text()
+  assert (moe_cpu.TARGET in hlo) == (n <= dispatch.SMALL_N)
