@@ -23,7 +23,7 @@ def test_greedy_identical_token_for_token(hf_twins, prompts):
     logp = sum(torch.log_softmax(s[0], -1)[t].item() for s, t in zip(out.scores, ref))
     np.testing.assert_allclose(ours.logprobs[r], logp, rtol=1e-4, atol=1e-4)
     assert (ours.tokens[r, len(ref):] == 0).all()
-    if r == 0:  # alone: batch 1, which for Mixtral on CPU reads per-expert buffers
+    if r == 0:  # alone: batch 1 (Mixtral on CPU: the expert kernel with all threads)
       solo = generate(cfg, params, [prompt], strategy="greedy", max_new_tokens=max_new,
                       eos_id=eos, pad_id=0)
       assert solo.sequences()[0] == ref
