@@ -10,16 +10,22 @@ workdir. See configs/base.py for every field.
 
 import json
 import logging as py_logging
+import re
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import plots
+from configs import base
+from experiments import compilation_cache, plots
 from train import trainer
 
+# accept_new_attributes: a field the config file leaves at its default can
+# still be overridden; train/config.py types and validates every value.
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/moe_tiny.py",
-                                          "Path to a configs/*.py file.")
+                                          "Path to a configs/*.py file.", lock_config=False,
+                                          accept_new_attributes=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots).")
 flags.mark_flag_as_required("workdir")
 # Multi-host (README "Multi-host"): one process per host, same command on all.
@@ -56,10 +62,29 @@ class _QuietLibraries(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
 
 
+def check_config_sections(argv):
+  """Rejects `--config.<section>.x` for a section moelab does not have, naming it
+  (before absl parses flags, where it would be a bare KeyError)."""
+  for arg in argv[1:]:
+    m = re.match(r"--?config\.([^.=]+)", arg)
+    if m and m.group(1) not in base.SECTIONS:
+      raise app.UsageError(f"--config.{m.group(1)}: unknown config section "
+                           f"{m.group(1)!r}; known: {', '.join(base.SECTIONS)}")
+
+
+def parse_flags(argv):
+  try:
+    check_config_sections(argv)
+  except app.UsageError as e:
+    sys.exit(f"FATAL Flags parsing error: {e}")
+  return flags.FLAGS(argv)
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  compilation_cache.enable()
   summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   summary.pop("state")
   if jax.process_index() != 0:
@@ -70,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -14,6 +14,9 @@ swappable pieces: the router (`model/router.py`), the dispatch
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from typing import Any, Mapping
 
 # Enumerations (string valued so they round-trip through config files/flags).
@@ -60,10 +63,6 @@ class ModelConfig:
       'padded' (fixed worst-case buffers, any backend) or 'auto' (ragged
       unless the backend is CPU). Used only under a mesh with an `expert`
       axis of size > 1.
-    moe_kernel_threads: decode steps (at most `dispatch.SMALL_N` tokens) of
-      the dropless path run the C++ CPU expert kernel (kernels/moe_cpu.py)
-      over this many threads; 0: XLA. Forward only (no gradient); set by
-      decode/generate.py `moe_kernel_config` on CPU, not by training.
     capacity_factor: training capacity factor (Switch; ST-MoE uses 1.25).
     eval_capacity_factor: evaluation capacity factor (ST-MoE uses 2.0).
     router_noise: 'none' | 'shazeer' (noisy top-k gating, Shazeer 2017 eq. 4)
@@ -164,6 +163,9 @@ class ModelConfig:
       err("num_experts", "use 0 (dense FFN) or at least 2 experts")
     if self.num_experts and self.moe_every > self.num_layers:
       err("moe_every", f"leaves no MoE layer among num_layers={self.num_layers}")
+    for f in (f.name for f in dataclasses.fields(self)):
+      if isinstance(getattr(self, f), float) and not math.isfinite(getattr(self, f)):
+        err(f, "must be finite")
     for f in ("capacity_factor", "eval_capacity_factor", "rope_theta", "norm_eps"):
       if not getattr(self, f) > 0:
         err(f, "must be > 0")
@@ -185,12 +187,65 @@ class ModelConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
     """Builds from a mapping (e.g. `config.model`), rejecting unknown keys."""
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"model: unknown field(s) {unknown}; known: {sorted(names)}")
-    return cls(**d)
+    return from_mapping(cls, "model", d)
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
+
+
+def from_mapping(cls, section: str, d: Mapping[str, Any]):
+  """`cls(**d)` for a frozen config dataclass, with the fields it omits at
+  their defaults (the dataclass is the one place defaults are written).
+
+  Rejects unknown keys and values of the wrong type, naming `section.field`;
+  values from command-line flags are converted where that is exact (an int
+  for a float field, '1e-3' or 'inf' for a float, 'true' for a bool), so
+  that `__post_init__` sees the declared types and can check ranges.
+  """
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"{section}: unknown field(s) {unknown}; known: {sorted(names)}")
+  hints = typing.get_type_hints(cls)
+  return cls(**{k: _coerce(f"{section}.{k}", hints[k], v) for k, v in d.items()})
+
+
+def _coerce(name: str, hint, value):
+  """value as the scalar type `hint` (int, float, bool, str, or Optional of one)."""
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    if value is None:
+      return None
+    hint = args[0] if len(args) == 1 else hint
+  if typing.get_origin(hint) is tuple:
+    if isinstance(value, (list, tuple)):
+      return tuple(_coerce(name, args[0] if args else Any, v) for v in value)
+    return (_coerce(name, args[0] if args else Any, value),)
+  if hint is bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+      return value.lower() == "true"
+    if not isinstance(value, bool):
+      raise ValueError(f"{name}: must be true or false (got {value!r})")
+  elif hint is int:
+    if isinstance(value, str):
+      try:
+        value = int(value)
+      except ValueError:
+        pass
+    if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+      value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError(f"{name}: must be an integer (got {value!r})")
+  elif hint is float:
+    if isinstance(value, str):
+      try:
+        value = float(value)
+      except ValueError:
+        pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError(f"{name}: must be a number (got {value!r})")
+    value = float(value)
+  elif hint is str:
+    if not isinstance(value, str):
+      raise ValueError(f"{name}: must be a string (got {value!r})")
+  return value

@@ -2,27 +2,26 @@
 
 `RunConfig.from_config(config)` turns the ConfigDict of a configs/*.py file
 (after command-line overrides) into frozen dataclasses and raises ValueError
-naming the offending field ("train.steps: must be a positive integer (got
-0)") before anything is compiled. Unknown keys are errors too, so a typo in
+naming the offending field ("train.steps: must be > 0 (got 0)") before
+anything is compiled. Unknown keys are errors too, so a typo in
 `--config.optimizer.lerning_rate` does not silently do nothing.
+
+The dataclasses here and `model.config.ModelConfig` hold every default; a
+config file sets only what it changes (configs/base.py).
 """
 
 import dataclasses
-from typing import Any, Mapping
+import math
 
-from model.config import ModelConfig
+from model.config import ModelConfig, from_mapping
 from train import tokenizer
 
 
-def _build(cls, section: str, d: Mapping[str, Any]):
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - names)
-  if unknown:
-    raise ValueError(f"{section}: unknown field(s) {unknown}; known: {sorted(names)}")
-  return cls(**dict(d))
-
-
 def _check(section, obj, positive=(), non_negative=(), unit=()):
+  for f in dataclasses.fields(obj):
+    v = getattr(obj, f.name)
+    if isinstance(v, float) and not math.isfinite(v):
+      raise ValueError(f"{section}.{f.name}: must be finite (got {v!r})")
   for f in positive:
     v = getattr(obj, f)
     if isinstance(v, bool) or not v > 0:
@@ -138,7 +137,7 @@ class RunConfig:
     unknown = sorted(set(d) - set(sections))
     if unknown:
       raise ValueError(f"config: unknown section(s) {unknown}; known: {sorted(sections)}")
-    run = cls(**{k: _build(c, k, d.get(k, {})) for k, c in sections.items()})
+    run = cls(**{k: from_mapping(c, k, d.get(k) or {}) for k, c in sections.items()})
     if run.data.seq_len > run.model.max_seq_len:
       raise ValueError(f"data.seq_len: exceeds model.max_seq_len={run.model.max_seq_len} "
                        f"(got {run.data.seq_len})")

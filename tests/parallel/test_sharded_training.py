@@ -14,7 +14,7 @@ from model.transformer import Decoder
 from train import checkpoint, trainer
 from train import mesh as mesh_lib
 from train import step as step_lib
-from train.config import MeshConfig
+from train.config import MeshConfig, RunConfig
 
 
 def tiny_model(dispatch: str) -> ModelConfig:
@@ -104,7 +104,7 @@ def test_checkpoint_from_one_mesh_restores_on_another(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("expert,shape", [(1, (8, 1)), (2, (4, 2)), (8, (1, 8))])
 def test_default_data_axis_takes_every_device_the_expert_axis_leaves(expert, shape):
-  assert base.get_config().mesh.data == -1  # the default
+  assert RunConfig.from_config(base.get_config()).mesh.data == -1  # the default
   mesh = mesh_lib.make_mesh(MeshConfig(data=-1, expert=expert), 8)
   assert tuple(mesh.shape.values()) == shape and mesh.devices.size == 8
 
