@@ -226,16 +226,16 @@ def decode_bytes(cfg, params, prompt_BxP, tokens_BxN) -> float:
     seq_BxL = np.concatenate([prompt_BxP, tokens_BxN[:, :-1]], axis=1)
 
     @jax.jit
-    def chosen(params, seq_BxL):  # per MoE layer: chosen_BxLxE[b, l, e], expert e picked
+    def chosen(params, seq_BxL):  # per MoE layer: chosen_BxLxX[b, l, e], expert e picked
       _, state = Decoder(cfg).apply({"params": params}, seq_BxL,
                                     capture_intermediates=lambda m, _: isinstance(m, Router))
-      return [jax.nn.one_hot(r.expert_NxK.reshape(b, seq_BxL.shape[1], -1),
+      return [jax.nn.one_hot(r.expert_NxA.reshape(b, seq_BxL.shape[1], -1),
                              cfg.num_experts).sum(2) > 0
               for r in jax.tree.leaves(state["intermediates"],
-                                       is_leaf=lambda x: hasattr(x, "expert_NxK"))]
+                                       is_leaf=lambda x: hasattr(x, "expert_NxA"))]
 
-    for chosen_BxLxE in map(np.asarray, chosen(params, jnp.asarray(seq_BxL))):
-      step_chosen = [chosen_BxLxE[:, :p].any((0, 1))] + list(chosen_BxLxE[:, p:].any(0))
+    for chosen_BxLxX in map(np.asarray, chosen(params, jnp.asarray(seq_BxL))):
+      step_chosen = [chosen_BxLxX[:, :p].any((0, 1))] + list(chosen_BxLxX[:, p:].any(0))
       total += expert_bytes * int(np.sum(step_chosen))
   return float(total)
 

@@ -65,7 +65,7 @@ def make_inputs(n, d, f, e, k, seed=0):
   x = jax.random.normal(ks[0], (n, d))
   logits = x @ (jax.random.normal(ks[1], (d, e)) * d ** -0.5)
   expert, gate, probs = top_k_gates(logits, k, "topk_softmax")
-  routing = Routing(logits_NxE=logits, probs_NxE=probs, expert_NxK=expert, gate_NxK=gate)
+  routing = Routing(logits_NxX=logits, probs_NxX=probs, expert_NxA=expert, gate_NxA=gate)
   w_in = jax.random.normal(ks[2], (e, d, 2 * f)) * d ** -0.5
   w_out = jax.random.normal(ks[3], (e, f, d)) * f ** -0.5
   probe = jax.random.normal(ks[4], (n, d))
@@ -75,10 +75,10 @@ def make_inputs(n, d, f, e, k, seed=0):
 def layer_fn(path, routing, capacity, mesh):
   """(x, w_in, w_out) -> y_NxD for one path."""
   if path in ("einsum", "gather"):
-    return lambda x, wi, wo: dispatch.capacity_moe(x, routing.expert_NxK, routing.gate_NxK,
+    return lambda x, wi, wo: dispatch.capacity_moe(x, routing.expert_NxA, routing.gate_NxA,
                                                    wi, wo, capacity, path)[0]
   if path == "dropless":
-    return lambda x, wi, wo: dispatch.dropless_moe(x, routing.expert_NxK, routing.gate_NxK,
+    return lambda x, wi, wo: dispatch.dropless_moe(x, routing.expert_NxA, routing.gate_NxA,
                                                    wi, wo)
   mode = "capacity" if path == "ep-cap" else "dropless"
   return lambda x, wi, wo: expert_parallel.expert_parallel_moe(

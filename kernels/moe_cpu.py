@@ -101,7 +101,7 @@ def available() -> bool:
   return jax.default_backend() == "cpu" and _library() is not None
 
 
-def moe_ffn(x_NxD, expert_NxK, gate_NxK, w_in_ExDx2F, w_out_ExFxD, threads: int = 1):
+def moe_ffn(x_NxD, expert_NxA, gate_NxA, w_in_XxDx2F, w_out_XxFxD, threads: int = 1):
   """y_NxD (see the module docstring); float32 only.
 
   threads: threads of XLA's intra-op pool that share every expert's read
@@ -111,13 +111,13 @@ def moe_ffn(x_NxD, expert_NxK, gate_NxK, w_in_ExDx2F, w_out_ExFxD, threads: int 
     raise RuntimeError(f"moe_cpu kernel unavailable: {build_error() or 'not the CPU backend'}")
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x_NxD.shape, jnp.float32),
                           vmap_method="sequential")
-  return call(x_NxD.astype(jnp.float32), expert_NxK.astype(jnp.int32),
-              gate_NxK.astype(jnp.float32), w_in_ExDx2F, w_out_ExFxD, threads=np.int64(threads))
+  return call(x_NxD.astype(jnp.float32), expert_NxA.astype(jnp.int32),
+              gate_NxA.astype(jnp.float32), w_in_XxDx2F, w_out_XxFxD, threads=np.int64(threads))
 
 
-def moe_ffn_reference(x_NxD, expert_NxK, gate_NxK, w_in_ExDx2F, w_out_ExFxD):
+def moe_ffn_reference(x_NxD, expert_NxA, gate_NxA, w_in_XxDx2F, w_out_XxFxD):
   """Plain XLA: every (row, choice) through its expert, gate-weighted sum."""
-  h_NxKx2F = jnp.einsum("nd,nkdf->nkf", x_NxD, w_in_ExDx2F[expert_NxK])
-  g, u = jnp.split(h_NxKx2F, 2, axis=-1)
-  y_NxKxD = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(g) * u, w_out_ExFxD[expert_NxK])
-  return jnp.einsum("nk,nkd->nd", gate_NxK.astype(y_NxKxD.dtype), y_NxKxD)
+  h_NxAx2F = jnp.einsum("nd,nkdf->nkf", x_NxD, w_in_XxDx2F[expert_NxA])
+  g, u = jnp.split(h_NxAx2F, 2, axis=-1)
+  y_NxAxD = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(g) * u, w_out_XxFxD[expert_NxA])
+  return jnp.einsum("nk,nkd->nd", gate_NxA.astype(y_NxAxD.dtype), y_NxAxD)

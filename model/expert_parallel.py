@@ -1,10 +1,10 @@
 """Expert parallelism: the MoE dispatch inside `jax.shard_map`.
 
 Mesh axes (see train/mesh.py): tokens are sharded over *every* mesh axis
-(`token_axes`, S = product of their sizes shards), the experts over the
-`expert` axis (X shards of E_loc = E / X experts each; replicated across the
-other axes). Shard s = (r, x) holds N_loc = N / S tokens and experts
-[x E_loc, (x+1) E_loc). Tokens only travel inside their row of X devices
+(`token_axes`, I = product of their sizes shards), the experts over the
+`expert` axis (Q peers of Xl = X / Q experts each; replicated across the
+other axes). Shard i = (r, q) holds N_loc = N / I tokens and experts
+[q Xl, (q+1) Xl). Tokens only travel inside their row of Q devices
 along the `expert` axis:
 
     route locally -> all_to_all(expert) -> grouped expert FFN -> all_to_all(expert)
@@ -12,29 +12,29 @@ along the `expert` axis:
 
 Capacity dispatch (`moe_dispatch='capacity'`) -- identical to the
 single-device `capacity_moe` on the global batch, drops included:
-  * C = ceil(k N cf / E) from the *global* token count N.
+  * Z = ceil(A N cf / X) from the *global* token count N.
   * The global slot of assignment (n, j) -> e keeps the single-device priority
     (every first choice before any second choice, then token order, with
     shards in mesh order):
 
-        slot = sum_{j' < j} count[j', e] + sum_{s' < s} count_{s'}[j, e] + local rank
+        slot = sum_{j' < j} count[j', e] + sum_{i' < i} count_{i'}[j, e] + local rank
 
-    count_s[j, e] (tokens of shard s whose j-th choice is e) is all-gathered
-    over the token axes; kept iff slot < C.
+    count_i[j, e] (tokens of shard i whose j-th choice is e) is all-gathered
+    over the token axes; kept iff slot < Z.
   * For a fixed e, global slots increase along the local priority order, so the
-    kept assignments of a shard are a prefix of it; their local rank (< C and
+    kept assignments of a shard are a prefix of it; their local rank (< Z and
     < N_loc, a token picks e at most once) indexes a fixed buffer
-    [E, Cs, D] with Cs = min(C, N_loc). Nothing can overflow these buffers,
+    [X, Zs, D] with Zs = min(Z, N_loc). Nothing can overflow these buffers,
     so EP drops exactly what one device drops. The price of exactness: the
     buffers are sized for one shard sending an expert's whole capacity.
 
-Dropless dispatch (`moe_dispatch='dropless'`): each shard sorts its N_loc k
-assignments by expert; the rows for peer x are contiguous. A peer receives at
-most Cp = N_loc min(k, E_loc) rows from one source, so the receive buffer is
-[X Cp, D] with source x' at rows [x' Cp, x' Cp + n_x'). The exchange is
+Dropless dispatch (`moe_dispatch='dropless'`): each shard sorts its N_loc A
+assignments by expert; the rows for peer q are contiguous. A peer receives at
+most J = N_loc min(A, Xl) rows from one source, so the receive buffer is
+[Q J, D] with source q' at rows [q' J, q' J + n_q'). The exchange is
   * 'ragged': `jax.lax.ragged_all_to_all` sends only the real rows (GPU/TPU;
     XLA:CPU does not implement it),
-  * 'padded': `jax.lax.all_to_all` of fixed [X, Cp, D] buffers (any backend).
+  * 'padded': `jax.lax.all_to_all` of fixed [Q, J, D] buffers (any backend).
 Both give the same layout; the receiver sorts its rows by local expert
 (padding last) and runs the grouped matmul (`grouped_ffn`).
 
@@ -43,8 +43,10 @@ Routing statistics are means over tokens, so the global RouterStats are the
 dropped fraction likewise. Gradients of the replicated-over-`data` expert
 weights are summed over `data` by shard_map's transpose.
 
-Shape names: N_loc local tokens (written N below), D width, E experts, K top-k,
-X expert-axis size, S token shards, C capacity, M = N K assignments.
+Shape names (README legend): N_loc local tokens (written N below), D width,
+X experts, A top-k, Z capacity, Y = N A assignments; here also Q peers on the
+`expert` axis, Xl = X / Q local experts, I token shards, J rows one peer
+sends another (dropless).
 """
 
 import jax
@@ -85,120 +87,120 @@ def _global_stats(routing: Routing, dropped, token_axes) -> RouterStats:
 
 def _capacity_body(x_NxD, routing: Routing, w_in, w_out, *, token_axes, factor: float):
   """Per-shard capacity dispatch; see the module docstring."""
-  n, k = routing.expert_NxK.shape
-  num_experts = routing.probs_NxE.shape[-1]
+  n, k = routing.expert_NxA.shape
+  num_experts = routing.probs_NxX.shape[-1]
   x_size = jax.lax.axis_size(EXPERT_AXIS)
   num_shards = jax.lax.axis_size(token_axes)
   capacity = expert_capacity(n * num_shards, num_experts, k, factor)
-  expert_NxK = routing.expert_NxK
+  expert_NxA = routing.expert_NxA
 
   # Global slot: offsets of this shard's (choice, expert) runs in the global order.
-  count_KxE = choice_counts(expert_NxK, num_experts)
-  count_SxKxE = jax.lax.all_gather(count_KxE, token_axes)
-  total_KxE = count_SxKxE.sum(0)
-  before_choice_KxE = jnp.cumsum(total_KxE, axis=0) - total_KxE
-  before_shard_SxKxE = jnp.cumsum(count_SxKxE, axis=0) - count_SxKxE
-  offset_KxE = before_choice_KxE + before_shard_SxKxE[jax.lax.axis_index(token_axes)]
-  _, kept_NxK = capacity_slots(expert_NxK, num_experts, capacity, offset_KxE)
+  count_AxX = choice_counts(expert_NxA, num_experts)
+  count_IxAxX = jax.lax.all_gather(count_AxX, token_axes)
+  total_AxX = count_IxAxX.sum(0)
+  before_choice_AxX = jnp.cumsum(total_AxX, axis=0) - total_AxX
+  before_shard_IxAxX = jnp.cumsum(count_IxAxX, axis=0) - count_IxAxX
+  offset_AxX = before_choice_AxX + before_shard_IxAxX[jax.lax.axis_index(token_axes)]
+  _, kept_NxA = capacity_slots(expert_NxA, num_experts, capacity, offset_AxX)
   # Buffer position: the local rank (kept assignments are a prefix of it).
-  rank_NxK, _ = capacity_slots(expert_NxK, num_experts, capacity)
+  rank_NxA, _ = capacity_slots(expert_NxA, num_experts, capacity)
   buf_capacity = min(capacity, n)
 
-  x_ExCxD = scatter_to_experts(x_NxD, expert_NxK, rank_NxK, kept_NxK, num_experts,
+  x_XxZxD = scatter_to_experts(x_NxD, expert_NxA, rank_NxA, kept_NxA, num_experts,
                                buf_capacity)
-  recv_ExCxD = jax.lax.all_to_all(x_ExCxD, EXPERT_AXIS, 0, 0, tiled=True)
-  recv_ElxXCxD = rearrange(recv_ExCxD, "(x e) c d -> e (x c) d", x=x_size)
-  y_ElxXCxD = expert_ffn(recv_ElxXCxD, w_in, w_out)
-  y_ExCxD = rearrange(y_ElxXCxD, "e (x c) d -> (x e) c d", x=x_size)
-  back_ExCxD = jax.lax.all_to_all(y_ExCxD, EXPERT_AXIS, 0, 0, tiled=True)
-  y_NxKxD = gather_from_experts(back_ExCxD, expert_NxK, rank_NxK, kept_NxK)
-  y_NxD = combine(y_NxKxD, routing.gate_NxK, kept_NxK)
-  dropped = 1.0 - kept_NxK.mean(dtype=jnp.float32)
+  recv_XxZxD = jax.lax.all_to_all(x_XxZxD, EXPERT_AXIS, 0, 0, tiled=True)
+  recv_XlxQZxD = rearrange(recv_XxZxD, "(x e) c d -> e (x c) d", x=x_size)
+  y_XlxQZxD = expert_ffn(recv_XlxQZxD, w_in, w_out)
+  y_XxZxD = rearrange(y_XlxQZxD, "e (x c) d -> (x e) c d", x=x_size)
+  back_XxZxD = jax.lax.all_to_all(y_XxZxD, EXPERT_AXIS, 0, 0, tiled=True)
+  y_NxAxD = gather_from_experts(back_XxZxD, expert_NxA, rank_NxA, kept_NxA)
+  y_NxD = combine(y_NxAxD, routing.gate_NxA, kept_NxA)
+  dropped = 1.0 - kept_NxA.mean(dtype=jnp.float32)
   return y_NxD, _global_stats(routing, dropped, token_axes)
 
 
-def _exchange(rows_MxD, out_rows: int, in_offsets_X, send_sizes_X, out_offsets_X,
-              recv_sizes_X, peer_X, chunk: int, exchange: str):
+def _exchange(rows_YxD, out_rows: int, in_offsets_Q, send_sizes_Q, out_offsets_Q,
+              recv_sizes_Q, peer_Q, chunk: int, exchange: str):
   """Sends rows [in_offsets[x], +send_sizes[x]) to peer x, landing at
   out_offsets[x] there; receives recv_sizes[x] rows from peer x.
 
-  'padded' packs each peer's rows into a fixed [X, chunk] buffer, all_to_all's
-  it and places the received chunks at `peer_X` rows of the output.
+  'padded' packs each peer's rows into a fixed [Q, J] buffer, all_to_all's
+  it and places the received chunks at `peer_Q` rows of the output.
   Returns the [out_rows, D] output buffer (zeros where nothing arrived).
   """
-  d = rows_MxD.shape[-1]
-  out_MxD = jnp.zeros((out_rows, d), rows_MxD.dtype)
+  d = rows_YxD.shape[-1]
+  out_YxD = jnp.zeros((out_rows, d), rows_YxD.dtype)
   if exchange == "ragged":
-    return jax.lax.ragged_all_to_all(rows_MxD, out_MxD, in_offsets_X, send_sizes_X,
-                                     out_offsets_X, recv_sizes_X, axis_name=EXPERT_AXIS)
-  x_size = send_sizes_X.shape[0]
-  # Row i of peer x's chunk in the send buffer: rows_MxD[in_offsets[x] + i].
-  i_C = jnp.arange(chunk)
-  src_XxC = in_offsets_X[:, None] + i_C
-  valid_XxC = i_C < send_sizes_X[:, None]
-  send_XxCxD = jnp.where(valid_XxC[..., None],
-                         rows_MxD.at[src_XxC].get(mode="fill", fill_value=0), 0)
-  recv_XxCxD = jax.lax.all_to_all(send_XxCxD, EXPERT_AXIS, 0, 0, tiled=True)
-  # Chunk from peer x lands at rows peer_X[x] + i of the output.
-  dst_XxC = jnp.where(i_C < recv_sizes_X[:, None], peer_X[:, None] + i_C, out_rows)
-  return out_MxD.at[dst_XxC.reshape(-1)].set(
-      rearrange(recv_XxCxD, "x c d -> (x c) d"), mode="drop", unique_indices=True)
+    return jax.lax.ragged_all_to_all(rows_YxD, out_YxD, in_offsets_Q, send_sizes_Q,
+                                     out_offsets_Q, recv_sizes_Q, axis_name=EXPERT_AXIS)
+  x_size = send_sizes_Q.shape[0]
+  # Row i of peer x's chunk in the send buffer: rows_YxD[in_offsets[x] + i].
+  i_J = jnp.arange(chunk)
+  src_QxJ = in_offsets_Q[:, None] + i_J
+  valid_QxJ = i_J < send_sizes_Q[:, None]
+  send_QxJxD = jnp.where(valid_QxJ[..., None],
+                         rows_YxD.at[src_QxJ].get(mode="fill", fill_value=0), 0)
+  recv_QxJxD = jax.lax.all_to_all(send_QxJxD, EXPERT_AXIS, 0, 0, tiled=True)
+  # Chunk from peer x lands at rows peer_Q[x] + i of the output.
+  dst_QxJ = jnp.where(i_J < recv_sizes_Q[:, None], peer_Q[:, None] + i_J, out_rows)
+  return out_YxD.at[dst_QxJ.reshape(-1)].set(
+      rearrange(recv_QxJxD, "x c d -> (x c) d"), mode="drop", unique_indices=True)
 
 
 def _dropless_body(x_NxD, routing: Routing, w_in, w_out, *, token_axes, exchange: str):
   """Per-shard dropless dispatch; see the module docstring."""
-  n, k = routing.expert_NxK.shape
-  num_experts = routing.probs_NxE.shape[-1]
+  n, k = routing.expert_NxA.shape
+  num_experts = routing.probs_NxX.shape[-1]
   local_experts = w_in.shape[0]
   x_size = jax.lax.axis_size(EXPERT_AXIS)
   me = jax.lax.axis_index(EXPERT_AXIS)
-  chunk = n * min(k, local_experts)             # Cp: most rows one peer sends another
-  order_M, count_E = sort_by_expert(routing.expert_NxK, num_experts)
-  x_sorted_MxD = x_NxD[order_M // k]
+  chunk = n * min(k, local_experts)             # J: most rows one peer sends another
+  order_Y, count_X = sort_by_expert(routing.expert_NxA, num_experts)
+  x_sorted_YxD = x_NxD[order_Y // k]
 
-  # count_XxE[x, e]: assignments of peer x (same data row) to expert e.
-  count_XxE = jax.lax.all_gather(count_E, EXPERT_AXIS)
-  count_XxXxEl = rearrange(count_XxE, "src (dst el) -> src dst el", dst=x_size)
-  sent_XxX = count_XxXxEl.sum(-1)                # [src, dst] rows
-  start_XxX = jnp.cumsum(sent_XxX, axis=1) - sent_XxX  # src's offset of its chunk to dst
-  send_X, recv_X = sent_XxX[me], sent_XxX[:, me]
-  recv_XxEl = count_XxXxEl[:, me]
-  src_slot_X = jnp.arange(x_size, dtype=jnp.int32) * chunk  # receiver rows of source x
+  # count_QxX[q, e]: assignments of peer q (same data row) to expert e.
+  count_QxX = jax.lax.all_gather(count_X, EXPERT_AXIS)
+  count_QxQxXl = rearrange(count_QxX, "src (dst el) -> src dst el", dst=x_size)
+  sent_QxQ = count_QxQxXl.sum(-1)                # [src, dst] rows
+  start_QxQ = jnp.cumsum(sent_QxQ, axis=1) - sent_QxQ  # src's offset of its chunk to dst
+  send_Q, recv_Q = sent_QxQ[me], sent_QxQ[:, me]
+  recv_QxXl = count_QxQxXl[:, me]
+  src_slot_Q = jnp.arange(x_size, dtype=jnp.int32) * chunk  # receiver rows of source x
 
   recv_rows = x_size * chunk
-  x_recv_RxD = _exchange(x_sorted_MxD, recv_rows, start_XxX[me], send_X,
-                         jnp.full((x_size,), me * chunk, jnp.int32), recv_X,
-                         src_slot_X, chunk, exchange)
+  x_recv_QJxD = _exchange(x_sorted_YxD, recv_rows, start_QxQ[me], send_Q,
+                         jnp.full((x_size,), me * chunk, jnp.int32), recv_Q,
+                         src_slot_Q, chunk, exchange)
 
   # Local expert of each received row (local_experts = padding), then group by it.
-  ends_XxEl = jnp.cumsum(recv_XxEl, axis=1)
-  i_C = jnp.arange(chunk)
-  local_XxC = (i_C[None, :, None] >= ends_XxEl[:, None, :]).sum(-1)
-  order_R, _ = sort_by_expert(local_XxC.reshape(-1, 1), local_experts + 1)
-  y_grouped_RxD = grouped_ffn(x_recv_RxD[order_R], w_in, w_out, recv_XxEl.sum(0),
+  ends_QxXl = jnp.cumsum(recv_QxXl, axis=1)
+  i_J = jnp.arange(chunk)
+  local_QxJ = (i_J[None, :, None] >= ends_QxXl[:, None, :]).sum(-1)
+  order_QJ, _ = sort_by_expert(local_QxJ.reshape(-1, 1), local_experts + 1)
+  y_grouped_QJxD = grouped_ffn(x_recv_QJxD[order_QJ], w_in, w_out, recv_QxXl.sum(0),
                               expected_rows=n * k)  # the mean; the rest is padding
-  y_recv_RxD = jnp.zeros_like(y_grouped_RxD).at[order_R].set(y_grouped_RxD,
+  y_recv_QJxD = jnp.zeros_like(y_grouped_QJxD).at[order_QJ].set(y_grouped_QJxD,
                                                                unique_indices=True)
 
   # Back to the senders, landing where each sender's chunk to `me` started.
-  y_sorted_MxD = _exchange(y_recv_RxD, n * k, src_slot_X, recv_X, start_XxX[:, me], send_X,
-                           start_XxX[me], chunk, exchange)
-  y_MxD = jnp.zeros_like(y_sorted_MxD).at[order_M].set(y_sorted_MxD, unique_indices=True)
-  y_NxD = combine(rearrange(y_MxD, "(n k) d -> n k d", k=k), routing.gate_NxK)
+  y_sorted_YxD = _exchange(y_recv_QJxD, n * k, src_slot_Q, recv_Q, start_QxQ[:, me], send_Q,
+                           start_QxQ[me], chunk, exchange)
+  y_YxD = jnp.zeros_like(y_sorted_YxD).at[order_Y].set(y_sorted_YxD, unique_indices=True)
+  y_NxD = combine(rearrange(y_YxD, "(n k) d -> n k d", k=k), routing.gate_NxA)
   return y_NxD, _global_stats(routing, 0.0, token_axes)
 
 
-def expert_parallel_moe(x_NxD, routing: Routing, w_in_ExDx2F, w_out_ExFxD, mesh, *,
+def expert_parallel_moe(x_NxD, routing: Routing, w_in_XxDx2F, w_out_XxFxD, mesh, *,
                         dispatch: str, capacity_factor: float, exchange: str = "auto"):
   """MoE experts on `mesh` with expert parallelism. Returns (y_NxD, RouterStats).
 
   x_NxD and the routing arrays are global (sharded over all mesh axes on N by
-  the shard_map); w_in/w_out are the global [E, ...] weights (sharded over the
+  the shard_map); w_in/w_out are the global [X, ...] weights (sharded over the
   `expert` axis). The stats are over the global batch.
   """
   token_axes = tuple(mesh.axis_names)
   x_size = expert_axis_size(mesh)
-  num_experts = w_in_ExDx2F.shape[0]
+  num_experts = w_in_XxDx2F.shape[0]
   if num_experts % x_size:
     raise ValueError(f"expert_parallel: num_experts={num_experts} is not divisible by the "
                      f"'{EXPERT_AXIS}' mesh axis of size {x_size}")
@@ -217,4 +219,4 @@ def expert_parallel_moe(x_NxD, routing: Routing, w_in_ExDx2F, w_out_ExFxD, mesh,
   return jax.shard_map(
       body, mesh=mesh,
       in_specs=(tok, jax.tree.map(lambda _: tok, routing), P(EXPERT_AXIS), P(EXPERT_AXIS)),
-      out_specs=(tok, P()))(x_NxD, routing, w_in_ExDx2F, w_out_ExFxD)
+      out_specs=(tok, P()))(x_NxD, routing, w_in_XxDx2F, w_out_XxFxD)

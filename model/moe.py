@@ -14,12 +14,12 @@ one device, sparse dispatch goes through `model/expert_parallel.py`
 routing statistics are those of the global batch. Otherwise the
 single-device functions run (under jit they are partitioned by XLA).
 
-Expert weights: w_in (E, D, 2F) [gate | up fused], w_out (E, F, D).
+Expert weights: w_in (X, D, 2F) [gate | up fused], w_out (X, F, D).
 Decoding on CPU runs the dropless path's small steps in the C++ expert
 kernel (`cfg.moe_kernel_threads`, kernels/moe_cpu.py), which reads every
 chosen expert once, in place, for all of its rows.
-Shape names: B batch, L length, N = B*L tokens, D width, E experts,
-K = top-k, C capacity, F expert hidden width.
+Shape names (README legend): B batch, L length, N = B*L tokens, D width,
+X experts, A experts per token (top-k), Z capacity, F expert hidden width.
 """
 
 import flax.linen as nn
@@ -61,16 +61,16 @@ class MoE(nn.Module):
           x_NxD, routing, w_in, w_out, mesh, dispatch=cfg.moe_dispatch,
           capacity_factor=factor, exchange=cfg.moe_ep_exchange)
     if cfg.moe_mode == "dense":
-      y, dropped = dense_moe(x_NxD, routing.probs_NxE, w_in, w_out), 0.0
+      y, dropped = dense_moe(x_NxD, routing.probs_NxX, w_in, w_out), 0.0
     elif cfg.moe_dispatch == "dropless":
-      y = dropless_moe(x_NxD, routing.expert_NxK, routing.gate_NxK, w_in, w_out,
+      y = dropless_moe(x_NxD, routing.expert_NxA, routing.gate_NxA, w_in, w_out,
                        kernel_threads=cfg.moe_kernel_threads)
       dropped = 0.0
     else:
       capacity = expert_capacity(x_NxD.shape[0], cfg.num_experts, cfg.moe_top_k, factor)
-      y, kept_NxK = capacity_moe(x_NxD, routing.expert_NxK, routing.gate_NxK,
+      y, kept_NxA = capacity_moe(x_NxD, routing.expert_NxA, routing.gate_NxA,
                                  w_in, w_out, capacity)
-      dropped = 1.0 - kept_NxK.mean()
+      dropped = 1.0 - kept_NxA.mean()
     return y, router_stats(routing, dropped)
 
   def __call__(self, x_BxLxD, train: bool = False):

@@ -24,7 +24,7 @@ for 'shazeer' in training:
 where kth_excluding(v, k, i) is the k-th largest component of v excluding i:
 the (k+1)-th largest of H if H_i is itself in the top k, else the k-th.
 
-Shape names: N tokens, D width, E experts, K = top-k.
+Shape names (README legend): N tokens, D width, X experts, A experts per token (top-k).
 """
 
 from typing import Optional
@@ -43,45 +43,45 @@ NOISE_STD_FLOOR = 1e-2
 class Routing:
   """What the router decides for N tokens.
 
-  logits_NxE: H(x), the (noisy in training) logits used to select experts.
-  probs_NxE: softmax(H(x)) over all experts (Switch's P_i statistic).
-  expert_NxK: chosen experts, best first (int32).
-  gate_NxK: combine weights of the chosen experts (float32).
-  load_NxE: Shazeer's smooth P(x, i) (None unless 'shazeer' and training).
+  logits_NxX: H(x), the (noisy in training) logits used to select experts.
+  probs_NxX: softmax(H(x)) over all experts (Switch's P_i statistic).
+  expert_NxA: chosen experts, best first (int32).
+  gate_NxA: combine weights of the chosen experts (float32).
+  load_NxX: Shazeer's smooth P(x, i) (None unless 'shazeer' and training).
   """
 
-  logits_NxE: jax.Array
-  probs_NxE: jax.Array
-  expert_NxK: jax.Array
-  gate_NxK: jax.Array
-  load_NxE: Optional[jax.Array] = None
+  logits_NxX: jax.Array
+  probs_NxX: jax.Array
+  expert_NxA: jax.Array
+  gate_NxA: jax.Array
+  load_NxX: Optional[jax.Array] = None
 
 
-def top_k_gates(logits_NxE, k: int, gate: str):
-  """Selects top-k experts and their gates. Returns (expert_NxK, gate_NxK, probs_NxE)."""
-  probs_NxE = jax.nn.softmax(logits_NxE, axis=-1)
-  top_logits_NxK, expert_NxK = jax.lax.top_k(logits_NxE, k)
+def top_k_gates(logits_NxX, k: int, gate: str):
+  """Selects top-k experts and their gates. Returns (expert_NxA, gate_NxA, probs_NxX)."""
+  probs_NxX = jax.nn.softmax(logits_NxX, axis=-1)
+  top_logits_NxA, expert_NxA = jax.lax.top_k(logits_NxX, k)
   if gate == "softmax_topk":
-    gate_NxK = jnp.take_along_axis(probs_NxE, expert_NxK, axis=-1)
+    gate_NxA = jnp.take_along_axis(probs_NxX, expert_NxA, axis=-1)
   elif gate == "topk_softmax":
-    gate_NxK = jax.nn.softmax(top_logits_NxK, axis=-1)
+    gate_NxA = jax.nn.softmax(top_logits_NxA, axis=-1)
   else:
     raise ValueError(f"unknown moe_gate {gate!r}")
-  return expert_NxK.astype(jnp.int32), gate_NxK, probs_NxE
+  return expert_NxA.astype(jnp.int32), gate_NxA, probs_NxX
 
 
-def smooth_load(clean_NxE, noisy_NxE, noise_std_NxE, k: int):
+def smooth_load(clean_NxX, noisy_NxX, noise_std_NxX, k: int):
   """Shazeer's P(x, i): probability expert i stays in the top-k when only its
-  own noise is redrawn (appendix A, eq. 9). Returns N x E in [0, 1]."""
-  num_experts = noisy_NxE.shape[-1]
+  own noise is redrawn (appendix A, eq. 9). Returns N x X in [0, 1]."""
+  num_experts = noisy_NxX.shape[-1]
   if k >= num_experts:
-    return jnp.ones_like(noisy_NxE)
-  top_NxK1, _ = jax.lax.top_k(noisy_NxE, k + 1)
-  threshold_if_in = top_NxK1[:, k:k + 1]      # (k+1)-th largest: i is in top-k
-  threshold_if_out = top_NxK1[:, k - 1:k]     # k-th largest: i is outside
-  is_in = noisy_NxE > threshold_if_in
+    return jnp.ones_like(noisy_NxX)
+  top_NxA1, _ = jax.lax.top_k(noisy_NxX, k + 1)
+  threshold_if_in = top_NxA1[:, k:k + 1]      # (k+1)-th largest: i is in top-k
+  threshold_if_out = top_NxA1[:, k - 1:k]     # k-th largest: i is outside
+  is_in = noisy_NxX > threshold_if_in
   threshold = jnp.where(is_in, threshold_if_in, threshold_if_out)
-  return jax.scipy.stats.norm.cdf((clean_NxE - threshold) / noise_std_NxE)
+  return jax.scipy.stats.norm.cdf((clean_NxX - threshold) / noise_std_NxX)
 
 
 class Router(nn.Module):
@@ -107,22 +107,22 @@ class Router(nn.Module):
       eps = cfg.router_jitter_eps
       x = x * jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
                                  1.0 - eps, 1.0 + eps)
-    clean_NxE = x @ w_gate
-    logits_NxE, load_NxE = clean_NxE, None
+    clean_NxX = x @ w_gate
+    logits_NxX, load_NxX = clean_NxX, None
     if shazeer:
       w_noise = self.param("w_noise", nn.initializers.zeros, (d, e), jnp.float32)
-      noise_std_NxE = jax.nn.softplus(x @ w_noise) + NOISE_STD_FLOOR
+      noise_std_NxX = jax.nn.softplus(x @ w_noise) + NOISE_STD_FLOOR
       if train:
-        eps_NxE = jax.random.normal(self.make_rng("router"), clean_NxE.shape)
-        logits_NxE = clean_NxE + eps_NxE * noise_std_NxE
-        load_NxE = smooth_load(clean_NxE, logits_NxE, noise_std_NxE, cfg.moe_top_k)
+        eps_NxX = jax.random.normal(self.make_rng("router"), clean_NxX.shape)
+        logits_NxX = clean_NxX + eps_NxX * noise_std_NxX
+        load_NxX = smooth_load(clean_NxX, logits_NxX, noise_std_NxX, cfg.moe_top_k)
     if jitter and cfg.router_noise_std > 0:
-      logits_NxE = logits_NxE + cfg.router_noise_std * jax.random.normal(
-          self.make_rng("router"), clean_NxE.shape)
+      logits_NxX = logits_NxX + cfg.router_noise_std * jax.random.normal(
+          self.make_rng("router"), clean_NxX.shape)
 
     k = cfg.num_experts if cfg.moe_mode == "dense" else cfg.moe_top_k
-    expert_NxK, gate_NxK, probs_NxE = top_k_gates(logits_NxE, k, cfg.moe_gate)
+    expert_NxA, gate_NxA, probs_NxX = top_k_gates(logits_NxX, k, cfg.moe_gate)
     if cfg.moe_mode == "dense":  # every expert, weighted by the full softmax
-      gate_NxK = jnp.take_along_axis(probs_NxE, expert_NxK, axis=-1)
-    return Routing(logits_NxE=logits_NxE, probs_NxE=probs_NxE, expert_NxK=expert_NxK,
-                   gate_NxK=gate_NxK, load_NxE=load_NxE)
+      gate_NxA = jnp.take_along_axis(probs_NxX, expert_NxA, axis=-1)
+    return Routing(logits_NxX=logits_NxX, probs_NxX=probs_NxX, expert_NxA=expert_NxA,
+                   gate_NxA=gate_NxA, load_NxX=load_NxX)

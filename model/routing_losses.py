@@ -51,19 +51,19 @@ from model.router import Routing
 class RouterStats:
   """Per-layer routing statistics, all means over tokens.
 
-  expert_frac_E: f_i, assignments to expert i / (k * tokens).
-  prob_mean_E: P_i, mean router probability of expert i.
-  importance_E: mean gate mass G(x)_i per expert.
-  load_E: mean smooth load P(x, i) (Shazeer), or f_i when not available.
+  expert_frac_X: f_i, assignments to expert i / (k * tokens).
+  prob_mean_X: P_i, mean router probability of expert i.
+  importance_X: mean gate mass G(x)_i per expert.
+  load_X: mean smooth load P(x, i) (Shazeer), or f_i when not available.
   z: mean of logsumexp(H(x))^2.
   entropy: mean per-token entropy of softmax(H(x)) (nats).
   dropped: fraction of assignments dropped for lack of capacity.
   """
 
-  expert_frac_E: jax.Array
-  prob_mean_E: jax.Array
-  importance_E: jax.Array
-  load_E: jax.Array
+  expert_frac_X: jax.Array
+  prob_mean_X: jax.Array
+  importance_X: jax.Array
+  load_X: jax.Array
   z: jax.Array
   entropy: jax.Array
   dropped: jax.Array
@@ -71,40 +71,40 @@ class RouterStats:
 
 def router_stats(routing: Routing, dropped) -> RouterStats:
   """Token means of the routing decision (one shard's view)."""
-  num_experts = routing.probs_NxE.shape[-1]
-  assign_NxKxE = jax.nn.one_hot(routing.expert_NxK, num_experts, dtype=jnp.float32)
-  expert_frac_E = jax.lax.stop_gradient(assign_NxKxE.mean(axis=(0, 1)))
-  importance_E = jnp.einsum("nk,nke->e", routing.gate_NxK, assign_NxKxE) / assign_NxKxE.shape[0]
-  load_E = expert_frac_E if routing.load_NxE is None else routing.load_NxE.mean(0)
-  lse_N = jax.nn.logsumexp(routing.logits_NxE, axis=-1)
-  logp_NxE = jax.nn.log_softmax(routing.logits_NxE, axis=-1)
-  entropy = -(routing.probs_NxE * logp_NxE).sum(-1).mean()
+  num_experts = routing.probs_NxX.shape[-1]
+  assign_NxAxX = jax.nn.one_hot(routing.expert_NxA, num_experts, dtype=jnp.float32)
+  expert_frac_X = jax.lax.stop_gradient(assign_NxAxX.mean(axis=(0, 1)))
+  importance_X = jnp.einsum("nk,nke->e", routing.gate_NxA, assign_NxAxX) / assign_NxAxX.shape[0]
+  load_X = expert_frac_X if routing.load_NxX is None else routing.load_NxX.mean(0)
+  lse_N = jax.nn.logsumexp(routing.logits_NxX, axis=-1)
+  logp_NxX = jax.nn.log_softmax(routing.logits_NxX, axis=-1)
+  entropy = -(routing.probs_NxX * logp_NxX).sum(-1).mean()
   return RouterStats(
-      expert_frac_E=expert_frac_E,
-      prob_mean_E=routing.probs_NxE.mean(0),
-      importance_E=importance_E,
-      load_E=load_E,
+      expert_frac_X=expert_frac_X,
+      prob_mean_X=routing.probs_NxX.mean(0),
+      importance_X=importance_X,
+      load_X=load_X,
       z=jnp.mean(lse_N ** 2),
       entropy=entropy,
       dropped=jnp.asarray(dropped, jnp.float32))
 
 
-def cv_squared(x_E):
+def cv_squared(x_X):
   """Squared coefficient of variation Var/Mean^2 (population variance)."""
-  return jnp.var(x_E) / (jnp.mean(x_E) ** 2 + 1e-10)
+  return jnp.var(x_X) / (jnp.mean(x_X) ** 2 + 1e-10)
 
 
 def switch_loss(stats: RouterStats):
   """N * sum_i f_i P_i (without alpha)."""
-  return stats.expert_frac_E.shape[-1] * jnp.sum(stats.expert_frac_E * stats.prob_mean_E, -1)
+  return stats.expert_frac_X.shape[-1] * jnp.sum(stats.expert_frac_X * stats.prob_mean_X, -1)
 
 
 def aux_losses(stats: RouterStats, cfg: ModelConfig) -> dict:
   """Unweighted losses and their weighted sum 'total' for one layer."""
   losses = {
       "switch": switch_loss(stats),
-      "importance": cv_squared(stats.importance_E),
-      "load": cv_squared(stats.load_E),
+      "importance": cv_squared(stats.importance_X),
+      "load": cv_squared(stats.load_X),
       "z": stats.z,
   }
   losses["total"] = (cfg.aux_switch_coef * losses["switch"]
@@ -116,7 +116,7 @@ def aux_losses(stats: RouterStats, cfg: ModelConfig) -> dict:
 
 def load_metrics(stats: RouterStats) -> dict:
   """Load-balance metrics for one layer: load fractions, max/mean, CV, dropped, entropy."""
-  f = stats.expert_frac_E
+  f = stats.expert_frac_X
   mean = jnp.mean(f, -1)
   return {
       "load_frac": f,

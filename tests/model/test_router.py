@@ -22,12 +22,12 @@ def test_noise_only_in_training(noise, kw):
     params = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
   ev1 = router.apply(params, x, False)
   ev2 = router.apply(params, x, False, rngs={"router": jax.random.key(5)})
-  np.testing.assert_array_equal(ev1.logits_NxE, ev2.logits_NxE)
-  np.testing.assert_allclose(ev1.logits_NxE, x @ params["params"]["w_gate"], atol=1e-5)
+  np.testing.assert_array_equal(ev1.logits_NxX, ev2.logits_NxX)
+  np.testing.assert_allclose(ev1.logits_NxX, x @ params["params"]["w_gate"], atol=1e-5)
   tr1 = router.apply(params, x, True, rngs={"router": jax.random.key(3)})
   tr2 = router.apply(params, x, True, rngs={"router": jax.random.key(4)})
-  assert np.abs(tr1.logits_NxE - ev1.logits_NxE).max() > 1e-3
-  assert np.abs(tr1.logits_NxE - tr2.logits_NxE).max() > 1e-3
+  assert np.abs(tr1.logits_NxX - ev1.logits_NxX).max() > 1e-3
+  assert np.abs(tr1.logits_NxX - tr2.logits_NxX).max() > 1e-3
 
 
 def test_no_noise_config_is_deterministic_in_training():
@@ -35,8 +35,8 @@ def test_no_noise_config_is_deterministic_in_training():
   x = jax.random.normal(jax.random.key(0), (16, D))
   router = Router(cfg)
   params = router.init(jax.random.key(1), x)
-  np.testing.assert_array_equal(router.apply(params, x, True).logits_NxE,
-                                router.apply(params, x, False).logits_NxE)
+  np.testing.assert_array_equal(router.apply(params, x, True).logits_NxX,
+                                router.apply(params, x, False).logits_NxX)
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -10,10 +10,10 @@ from model.router import Routing
 from model.routing_losses import aux_losses, router_stats, cv_squared
 
 
-def make_routing(expert_NxK, logits_NxE):
-  probs = jax.nn.softmax(logits_NxE, -1)
-  return Routing(logits_NxE=logits_NxE, probs_NxE=probs, expert_NxK=expert_NxK,
-                 gate_NxK=jnp.take_along_axis(probs, expert_NxK, -1))
+def make_routing(expert_NxA, logits_NxX):
+  probs = jax.nn.softmax(logits_NxX, -1)
+  return Routing(logits_NxX=logits_NxX, probs_NxX=probs, expert_NxA=expert_NxA,
+                 gate_NxA=jnp.take_along_axis(probs, expert_NxA, -1))
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -37,7 +37,7 @@ def test_switch_f_counts_every_assignment():
   """k=2: token n sends one assignment to each of its two experts."""
   expert = jnp.array([[0, 1], [0, 2], [0, 1], [3, 0]], jnp.int32)
   stats = router_stats(make_routing(expert, jnp.zeros((4, 4))), 0.0)
-  np.testing.assert_allclose(stats.expert_frac_E, [4 / 8, 2 / 8, 1 / 8, 1 / 8])
+  np.testing.assert_allclose(stats.expert_frac_X, [4 / 8, 2 / 8, 1 / 8, 1 / 8])
 
 
 def test_z_loss_formula():

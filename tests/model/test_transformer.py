@@ -69,6 +69,6 @@ def test_moe_every_places_moe_blocks_and_stacks_stats():
   model, params, tokens = init(cfg)
   assert [("moe" in params[f"block_{i}"]) for i in range(4)] == [False, True, False, True]
   _, aux = model.apply({"params": params}, tokens)
-  assert aux["stats"].expert_frac_E.shape == (2, 4)
-  np.testing.assert_allclose(aux["stats"].expert_frac_E.sum(-1), 1.0, atol=1e-6)
+  assert aux["stats"].expert_frac_X.shape == (2, 4)
+  np.testing.assert_allclose(aux["stats"].expert_frac_X.sum(-1), 1.0, atol=1e-6)
   assert float(aux["loss"]) > 0

@@ -102,7 +102,7 @@ def test_aux_loss_is_global_not_per_shard():
   ((_, (_, stats8, aux8)), _), _ = loss_and_grads(cfg, make_mesh(4))
   for name in ("switch", "importance", "load", "z", "total"):
     np.testing.assert_allclose(aux8[name], aux1[name], **TOL, err_msg=name)
-  np.testing.assert_allclose(stats8.expert_frac_E.sum(), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(stats8.expert_frac_X.sum(), 1.0, rtol=1e-6)
   # One shard's view (its 8 tokens) gives a different loss.
   x = jax.random.normal(jax.random.key(1), (B, L, D))
   layer = MoE(cfg)
