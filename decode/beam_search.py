@@ -1,12 +1,12 @@
 """Beam search as one `lax.while_loop` (Hugging Face transformers v5 semantics).
 
-A port of transformers' vectorised `_beam_search` (generation/utils.py;
-papers.md "Beam search (HF v5)"), per prompt b with W = num_beams beams:
+A port of transformers' vectorised `_beam_search` (transformers v5
+generation/utils.py), per prompt b with W = num_beams beams:
 
 1. `log_softmax` of the logits, then the processors (repetition penalty),
    plus the running beam scores; the first step starts from beam 0 only
    (the other beams start at -1e9).
-2. Keep the top K = max(2, 1 + n_stop) * W candidates over W x V.
+2. Keep the top U = max(2, 1 + n_stop) * W candidates over W x V.
 3. A candidate "hits" if its token is a stop token or it reaches
    `max_new_tokens`. Running beams for the next step: the top W candidates
    after adding -1e9 to the hits.
@@ -29,8 +29,8 @@ papers.md "Beam search (HF v5)"), per prompt b with W = num_beams beams:
 The cache rows follow their beams: `cache.reorder` with the parent of every
 running beam after each step.
 
-Shape names: B prompts, W beams, K candidates kept, N max_new_tokens,
-V vocabulary.
+Shape names (README legend): B prompts, W beams, U candidates kept,
+O max_new_tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ class BeamState:
   """Carry of the beam-search loop (HF names in comments)."""
 
   step: jax.Array                 # [] int32: generated length of the running beams
-  running_tokens_BxWxN: jax.Array  # running_sequences (generated part)
+  running_tokens_BxWxO: jax.Array  # running_sequences (generated part)
   running_scores_BxW: jax.Array   # running_beam_scores
-  finished_tokens_BxWxN: jax.Array  # sequences
+  finished_tokens_BxWxO: jax.Array  # sequences
   finished_scores_BxW: jax.Array  # beam_scores
   finished_len_BxW: jax.Array     # generated length of each finished hypothesis
   is_finished_BxW: jax.Array      # is_sent_finished
@@ -86,11 +86,11 @@ class BeamState:
   cache: object
 
 
-def _gather(x_BxKx, idx_BxJ):
+def _gather(x_BxUx, idx_BxJ):
   """x[b, idx[b, j]] along axis 1 (HF `_gather_beams`); idx in range (top-k
-  positions), so clamped rather than masked (see `KVCache.reorder`)."""
-  idx = idx_BxJ.reshape(idx_BxJ.shape + (1,) * (x_BxKx.ndim - 2))
-  return jnp.take_along_axis(x_BxKx, idx, axis=1, mode="clip")
+  positions), so clamped rather than masked (see `kv_cache.KVCache.reorder`)."""
+  idx = idx_BxJ.reshape(idx_BxJ.shape + (1,) * (x_BxUx.ndim - 2))
+  return jnp.take_along_axis(x_BxUx, idx, axis=1, mode="clip")
 
 
 def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingParams,
@@ -118,7 +118,7 @@ def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.Samp
   es_never = jnp.asarray(early_stopping) == 2
   b, p = prompt_BxP.shape
   w, n = num_beams, max_new_tokens
-  k = max(2, 1 + len(stop_ids)) * w
+  k = max(2, 1 + len(stop_ids)) * w  # U
   lp = lambda m: length_penalty_divisor(m, length_penalty, length_penalty_type)
 
   logits_BxV, cache = prefill(step_fn, prompt_BxP, prompt_len_B, cache)
@@ -130,9 +130,9 @@ def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.Samp
   position_BW = jnp.repeat(prompt_len_B.astype(jnp.int32), w)
   state = BeamState(
       step=jnp.zeros((), jnp.int32),
-      running_tokens_BxWxN=jnp.full((b, w, n), pad_id, jnp.int32),
+      running_tokens_BxWxO=jnp.full((b, w, n), pad_id, jnp.int32),
       running_scores_BxW=jnp.zeros((b, w), jnp.float32).at[:, 1:].set(NEG),
-      finished_tokens_BxWxN=jnp.full((b, w, n), pad_id, jnp.int32),
+      finished_tokens_BxWxO=jnp.full((b, w, n), pad_id, jnp.int32),
       finished_scores_BxW=jnp.full((b, w), NEG, jnp.float32),
       finished_len_BxW=jnp.zeros((b, w), jnp.int32),
       is_finished_BxW=jnp.zeros((b, w), bool),
@@ -151,30 +151,30 @@ def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.Samp
                              s.presence_BWxV, active)
     acc_BxWV = (logp_BWxV.reshape(b, w, vocab) + s.running_scores_BxW[:, :, None]).reshape(b, -1)
     # 2. top-K continuations.
-    top_scores_BxK, idx_BxK = jax.lax.top_k(acc_BxWV, k)
-    parent_BxK, token_BxK = idx_BxK // vocab, (idx_BxK % vocab).astype(jnp.int32)
-    top_tokens_BxKxN = _gather(s.running_tokens_BxWxN, parent_BxK).at[:, :, g].set(token_BxK)
+    top_scores_BxU, idx_BxU = jax.lax.top_k(acc_BxWV, k)
+    parent_BxU, token_BxU = idx_BxU // vocab, (idx_BxU % vocab).astype(jnp.int32)
+    top_tokens_BxUxO = _gather(s.running_tokens_BxWxO, parent_BxU).at[:, :, g].set(token_BxU)
     # 3. stop criteria (stop token, max length) and the next running beams.
-    hits_BxK = stop_hits(token_BxK, stop_ids) | (g + 1 >= n)
-    running_BxK = top_scores_BxK + hits_BxK.astype(jnp.float32) * NEG
-    _, next_BxW = jax.lax.top_k(running_BxK, w)
-    running_tokens = _gather(top_tokens_BxKxN, next_BxW)
-    running_scores = _gather(running_BxK, next_BxW)
-    parent_BxW, token_BxW = _gather(parent_BxK, next_BxW), _gather(token_BxK, next_BxW)
+    hits_BxU = stop_hits(token_BxU, stop_ids) | (g + 1 >= n)
+    running_BxU = top_scores_BxU + hits_BxU.astype(jnp.float32) * NEG
+    _, next_BxW = jax.lax.top_k(running_BxU, w)
+    running_tokens = _gather(top_tokens_BxUxO, next_BxW)
+    running_scores = _gather(running_BxU, next_BxW)
+    parent_BxW, token_BxW = _gather(parent_BxU, next_BxW), _gather(token_BxU, next_BxW)
     # 4. finished pool.
-    just_done_BxK = hits_BxK & (jnp.arange(k) < w)
-    fin_BxK = top_scores_BxK / lp(g + 1)
+    just_done_BxU = hits_BxU & (jnp.arange(k) < w)
+    fin_BxU = top_scores_BxU / lp(g + 1)
     pool_full_Bx1 = jnp.all(s.is_finished_BxW, axis=-1, keepdims=True) & es_true
-    fin_BxK = fin_BxK + pool_full_Bx1.astype(jnp.float32) * NEG
-    fin_BxK = fin_BxK + (~s.improvable_Bx1).astype(jnp.float32) * NEG
-    fin_BxK = fin_BxK + (~just_done_BxK).astype(jnp.float32) * NEG
-    merged_scores = jnp.concatenate([s.finished_scores_BxW, fin_BxK], axis=1)
+    fin_BxU = fin_BxU + pool_full_Bx1.astype(jnp.float32) * NEG
+    fin_BxU = fin_BxU + (~s.improvable_Bx1).astype(jnp.float32) * NEG
+    fin_BxU = fin_BxU + (~just_done_BxU).astype(jnp.float32) * NEG
+    merged_scores = jnp.concatenate([s.finished_scores_BxW, fin_BxU], axis=1)
     _, keep_BxW = jax.lax.top_k(merged_scores, w)
     cat = lambda old, new: _gather(jnp.concatenate([old, new], axis=1), keep_BxW)
-    finished_tokens = cat(s.finished_tokens_BxWxN, top_tokens_BxKxN)
+    finished_tokens = cat(s.finished_tokens_BxWxO, top_tokens_BxUxO)
     finished_scores = _gather(merged_scores, keep_BxW)
     finished_len = cat(s.finished_len_BxW, jnp.full((b, k), g + 1, jnp.int32))
-    is_finished = cat(s.is_finished_BxW, just_done_BxK)
+    is_finished = cat(s.is_finished_BxW, just_done_BxU)
     # Cache and repetition sets follow the surviving beams.
     rows_BW = (jnp.arange(b)[:, None] * w + parent_BxW).reshape(-1)
     cache = s.cache.reorder(rows_BW)
@@ -188,11 +188,11 @@ def beam_search_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.Samp
     worst_BxW = jnp.where(is_finished, finished_scores.min(axis=1, keepdims=True), NEG)
     improvable = s.improvable_Bx1 & jnp.any(best_Bx1 > worst_BxW, axis=-1, keepdims=True)
     go = (jnp.any(improvable) & ~(jnp.all(is_finished) & es_true)
-          & ~jnp.all(hits_BxK))
+          & ~jnp.all(hits_BxU))
     logits_BWx1xV, cache = step_fn(token_BxW.reshape(-1, 1), (position_BW + g)[:, None], cache)
     return BeamState(
-        step=g1, running_tokens_BxWxN=running_tokens, running_scores_BxW=running_scores,
-        finished_tokens_BxWxN=finished_tokens, finished_scores_BxW=finished_scores,
+        step=g1, running_tokens_BxWxO=running_tokens, running_scores_BxW=running_scores,
+        finished_tokens_BxWxO=finished_tokens, finished_scores_BxW=finished_scores,
         finished_len_BxW=finished_len, is_finished_BxW=is_finished, improvable_Bx1=improvable,
         go=go, logits_BWxV=logits_BWx1xV[:, 0].astype(jnp.float32), presence_BWxV=presence,
         cache=cache)

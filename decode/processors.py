@@ -1,7 +1,7 @@
 """Logits processors: pure functions with per-row parameters (HF semantics).
 
-Applied by `process` in Hugging Face's order (papers.md, "Decoding
-semantics"; transformers `generation/logits_process.py`):
+Applied by `process` in Hugging Face's order (transformers
+`generation/logits_process.py`):
 
     repetition penalty -> temperature -> top-k -> top-p -> min-p
 

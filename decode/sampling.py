@@ -14,7 +14,7 @@ token and are never read). The loop ends when every row is done.
 Reported `logprob_B` is the sum over the generated tokens (stop token
 included) of log p_model(x_t | x_<t), the unprocessed model distribution.
 
-Shape names: B rows, N max_new_tokens, V vocabulary.
+Shape names (README legend): B rows, O max_new_tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ class SampleState:
   """Carry of the greedy/sampling loop."""
 
   step: jax.Array               # [] int32, iterations run
-  tokens_BxN: jax.Array         # generated ids, pad after a row is done
+  tokens_BxO: jax.Array         # generated ids, pad after a row is done
   num_generated_B: jax.Array    # [B] int32, stop token included
   position_B: jax.Array         # [B] int32, position of the next token
   done_B: jax.Array             # [B] bool
   logprob_B: jax.Array          # [B] float32, sum log p_model(generated)
   logits_BxV: jax.Array         # next-token logits (float32)
   presence_BxV: jax.Array | None  # tokens seen per row (repetition penalty)
-  cache: object                 # model/kv_cache.KVCache (or any layer-cache pytree)
+  cache: object                 # any cache of the protocol in model/cache.py
   rng_B: jax.Array              # [B] PRNG keys, one per row
 
 
@@ -92,7 +92,7 @@ def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingP
     presence = proc.presence_mask(prompt_BxP, jnp.arange(p)[None] < prompt_len_B[:, None], vocab)
   state = SampleState(
       step=jnp.zeros((), jnp.int32),
-      tokens_BxN=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+      tokens_BxO=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
       num_generated_B=jnp.zeros((b,), jnp.int32),
       position_B=prompt_len_B.astype(jnp.int32),
       done_B=jnp.zeros((b,), bool),
@@ -112,7 +112,7 @@ def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingP
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(s.logits_BxV, axis=-1), x_B[:, None],
                                  axis=-1)[:, 0]
     live_B = ~s.done_B
-    tokens = s.tokens_BxN.at[jnp.arange(b), s.num_generated_B].set(x_B, mode="drop")
+    tokens = s.tokens_BxO.at[jnp.arange(b), s.num_generated_B].set(x_B, mode="drop")
     num_generated = s.num_generated_B + live_B
     done = s.done_B | stop_hits(x_B, stop_ids) | (num_generated >= max_new_tokens)
     presence = s.presence_BxV
@@ -120,7 +120,7 @@ def sample_loop(step_fn, cache, prompt_BxP, prompt_len_B, params: proc.SamplingP
       presence = presence.at[jnp.arange(b), x_B].max(live_B)
     logits_Bx1xV, cache = step_fn(x_B[:, None], s.position_B[:, None], s.cache)
     return SampleState(
-        step=s.step + 1, tokens_BxN=tokens, num_generated_B=num_generated,
+        step=s.step + 1, tokens_BxO=tokens, num_generated_B=num_generated,
         position_B=s.position_B + live_B, done_B=done,
         logprob_B=s.logprob_B + jnp.where(live_B, logp_B, 0.0),
         logits_BxV=logits_Bx1xV[:, 0].astype(jnp.float32), presence_BxV=presence,

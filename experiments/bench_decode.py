@@ -57,9 +57,8 @@ import transformers  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from decode import data_parallel  # noqa: E402
-from decode import processors as proc  # noqa: E402
-from decode.generate import decode_fn, pad_prompts  # noqa: E402
-from kernels import moe_cpu  # noqa: E402
+from decode.config import GenerationConfig  # noqa: E402
+from decode.generate import decode_fn, pad_prompts, plan_for, sampling_params  # noqa: E402
 from model.hf_interop import config_from_hf, params_from_hf  # noqa: E402
 from model.router import Router  # noqa: E402
 from model.transformer import Decoder  # noqa: E402
@@ -73,11 +72,17 @@ _MODELS = flags.DEFINE_list("models", ["llama", "mixtral"], "Architectures.")
 _NO_CACHE = flags.DEFINE_bool("no_cache", True, "Run the no-cache recompute baseline.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows here.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timed rounds of both sides.")
+_ATTENTION = flags.DEFINE_string("attention_impl", "auto", "moelab attention (decode/backend.py).")
+_MOE = flags.DEFINE_string("moe_impl", "auto", "moelab MoE decode steps (decode/backend.py).")
 flags.DEFINE_integer("host_devices", _CORES, "JAX CPU devices (read before jax starts).")
 
 ARCH = dict(vocab_size=260, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
             eos_token_id=None, pad_token_id=0, bos_token_id=1, initializer_range=0.05)
+
+
+def impl_flags() -> dict:
+  return dict(attention_impl=_ATTENTION.value, moe_impl=_MOE.value)
 
 
 def hf_model(kind: str):
@@ -111,16 +116,17 @@ def hf_runner(hf, prompt_BxP, new: int, beams: int):
 def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int):
   """Compiles (timed) and warms up.
 
-  Returns (compile_s, devices the rows are split over, run() -> (seconds, tokens)).
+  Returns (compile_s, the Backend (decode/backend.py), run() -> (seconds, tokens)).
   """
-  strategy = "beam" if beams > 1 else "greedy"
+  gen = GenerationConfig(strategy="beam" if beams > 1 else "greedy", max_new_tokens=new,
+                         num_beams=beams, early_stopping=True, **impl_flags())
   prompt, lens = pad_prompts(prompt_BxP.tolist(), 0)
-  devices = data_parallel.auto_num_devices(prompt.shape[0])
-  fn = decode_fn(cfg, strategy, max_new_tokens=new, cache_len=prompt.shape[1] + new,
-                 pad_id=0, num_beams=beams, num_devices=devices)
-  sp = proc.SamplingParams.create(prompt.shape[0] * beams)
-  args = (data_parallel.replicate(params, devices), jnp.asarray(prompt), jnp.asarray(lens), sp,
-          jax.random.key(0), (np.float32(1.0), np.int32(1)))
+  plan = plan_for(cfg, gen, prompt.shape[1], prompt.shape[0])
+  devices = plan.backend.num_devices
+  fn = decode_fn(cfg, plan)
+  args = (data_parallel.replicate(params, devices), jnp.asarray(prompt), jnp.asarray(lens),
+          sampling_params(gen, prompt.shape[0]), jax.random.key(0),
+          (np.float32(1.0), np.int32(1)))
   t = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t
@@ -130,7 +136,7 @@ def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int):
     t = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
     return time.perf_counter() - t, np.asarray(out["tokens"])[::beams]
-  return compile_s, devices, run
+  return compile_s, plan.backend, run
 
 
 def interleaved(runners: dict, repeats: int):
@@ -251,8 +257,9 @@ def main(argv):
   print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.local_device_count()} devices), "
         f"torch {torch.__version__} ({_HF_DEVICE.value}, {_THREADS.value} threads), "
         f"transformers {transformers.__version__}; streaming read {stream:.1f} GB/s; "
-        f"MoE decode steps: {'C++ expert kernel' if moe_cpu.available() else 'XLA'}")
+        f"moelab --attention_impl={_ATTENTION.value} --moe_impl={_MOE.value}")
   print(header)
+  last_backend = None
   for kind in _MODELS.value:
     hf = hf_model(kind)
     cfg = config_from_hf(hf.config)
@@ -262,7 +269,8 @@ def main(argv):
     for case, b, new, beams in [("greedy b1", 1, _NEW.value, 1), ("greedy b8", 8, _NEW.value, 1),
                                 ("beam 4", 1, _BEAM_NEW.value, 4)]:
       prompt = rng.integers(3, ARCH["vocab_size"], (b, _PROMPT.value)).astype(np.int32)
-      comp_s, devices, ml_run = moelab_runner(cfg, params, prompt, new, beams)
+      comp_s, backend, ml_run = moelab_runner(cfg, params, prompt, new, beams)
+      devices = backend.num_devices
       res = interleaved({"hf": hf_runner(hf, prompt, new, beams), "moelab": ml_run},
                         _REPEATS.value)
       (hf_ts, hf_tokens), (ml_ts, ml_tokens) = res["hf"], res["moelab"]
@@ -276,7 +284,7 @@ def main(argv):
       nbytes = decode_bytes(cfg, params, prompt, ml_tokens) if beams == 1 else float("nan")
       row = dict(model=kind, case=case, hf_device=_HF_DEVICE.value,
                  backend=jax.default_backend(), hf_tok_s=b * new / hf_s,
-                 moelab_tok_s=b * new / ml_s, devices=devices,
+                 moelab_tok_s=b * new / ml_s, devices=devices, moelab_backend=backend.describe(),
                  ratio=ratio, ratio_range=(lo, hi), no_cache_tok_s=nc, compile_s=comp_s,
                  repeats=_REPEATS.value,
                  same=bool((hf_tokens == ml_tokens[:, :hf_tokens.shape[1]]).all()),
@@ -288,6 +296,9 @@ def main(argv):
             f"{str(row['same']):>5} "
             f"{row['mb_per_step']:8.1f} {row['gb_s']:5.1f} {row['bound_tok_s']:11.0f}",
             flush=True)
+      if backend.describe() != last_backend:
+        last_backend = backend.describe()
+        print(f"# {last_backend}", flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=1)

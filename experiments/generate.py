@@ -29,7 +29,8 @@ _CORES = host_devices.request("host_devices", os.cpu_count() or 1)
 
 from absl import app, flags  # noqa: E402
 
-from decode.generate import STRATEGIES, generate  # noqa: E402
+from decode.config import STRATEGIES, GenerationConfig  # noqa: E402
+from experiments import compilation_cache  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "moelab run directory.")
 _HF_MODEL = flags.DEFINE_string("hf_model", None, "HF checkpoint dir (config.json + safetensors).")
@@ -56,7 +57,51 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write completions to this JSONL file.")
 _GROWTH = flags.DEFINE_float("cache_growth", 2.0, "Growing KV-cache windows: growth factor "
                              "(decode/cache_windows.py); <= 1 attends over the whole cache.")
+_KV_CACHE = flags.DEFINE_string("kv_cache", "contiguous", "KV cache kind (model/cache.py).")
+_ATTENTION = flags.DEFINE_string("attention_impl", "auto", "auto | xla | cpu (decode/backend.py).")
+_MOE = flags.DEFINE_string("moe_impl", "auto", "auto | xla | cpu | cpu_kernel (decode/backend.py).")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices the rows are split over (0: auto).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the resolved backend choices.")
 flags.DEFINE_integer("host_devices", _CORES, "JAX CPU devices (read before jax starts).")
+
+# GenerationConfig fields whose flag has another name.
+FLAG_OF = {"num_return_sequences": "num_return_sequences / --num_samples",
+           "eos_token_id": "stop_ids", "pad_token_id": "hf_model's pad id"}
+
+
+def generation_config(eos_id, pad_id) -> GenerationConfig:
+  """The GenerationConfig of the flags; a bad value names its flag."""
+  if _STRATEGY.value == "sample":
+    if _NUM_RETURN.value != 1:
+      raise app.UsageError("--num_return_sequences: for --strategy=sample use --num_samples")
+    returns = _NUM_SAMPLES.value
+  else:
+    if _NUM_SAMPLES.value != 1:
+      raise app.UsageError(f"--num_samples: only for --strategy=sample "
+                           f"(got --strategy={_STRATEGY.value})")
+    returns = _NUM_RETURN.value
+  try:
+    stop = [int(s) for s in _STOP_IDS.value]
+  except ValueError:
+    raise app.UsageError(f"--stop_ids: not a list of integers ({_STOP_IDS.value})") from None
+  fields = dict(
+      strategy=_STRATEGY.value, max_new_tokens=_MAX_NEW.value,
+      eos_token_id=tuple(([] if eos_id is None else [eos_id]) + stop), pad_token_id=pad_id,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
+      repetition_penalty=_REP.value, num_beams=_NUM_BEAMS.value, num_return_sequences=returns,
+      length_penalty=_LP.value, length_penalty_type=_LP_TYPE.value,
+      early_stopping={"true": True, "false": False, "never": "never"}[_EARLY.value],
+      seed=_SEED.value, cache_growth=_GROWTH.value, kv_cache=_KV_CACHE.value,
+      attention_impl=_ATTENTION.value, moe_impl=_MOE.value, num_devices=_NUM_DEVICES.value)
+  try:
+    return GenerationConfig(**fields)
+  except ValueError as e:
+    raise app.UsageError(f"{e} [flag --{_flag(str(e))}]") from None
+
+
+def _flag(message: str) -> str:
+  field = message.split(":", 1)[0].removeprefix("generation.").split("[")[0]
+  return FLAG_OF.get(field, field)
 
 
 class ByteTokenizer:
@@ -66,7 +111,10 @@ class ByteTokenizer:
     self.bos, self.eos, self.pad = bos, eos, pad
 
   def encode(self, text: str) -> list[int]:
-    return ([self.bos] if self.bos is not None else []) + list(text.encode("utf-8"))
+    # surrogateescape: bytes of a command line that are not UTF-8 come back as
+    # the bytes the user gave.
+    return ([self.bos] if self.bos is not None else []) + list(
+        text.encode("utf-8", "surrogateescape"))
 
   def decode(self, ids) -> str:
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
@@ -81,6 +129,11 @@ class HFTokenizer:
     self.bos, self.eos, self.pad = bos, eos, pad
 
   def encode(self, text: str) -> list[int]:
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise app.UsageError(f"--prompt: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                           "this model's tokenizer takes text") from None
     return self.tok(text)["input_ids"]
 
   def decode(self, ids) -> str:
@@ -109,25 +162,46 @@ def load_hf_dir(path: str):
   return cfg, params, tok
 
 
+def read_prompts(tok) -> list[list[int]]:
+  prompts = [tok.encode(p) for p in (_PROMPT.value or [])]
+  for p in _PROMPT_IDS.value or []:
+    try:
+      prompts.append([int(i) for i in p.split(",") if i.strip()])
+    except ValueError:
+      raise app.UsageError(f"--prompt_ids: not comma-separated integers ({p!r})") from None
+  if not prompts:
+    raise app.UsageError("give --prompt or --prompt_ids")
+  return prompts
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+  """Writes all records or nothing (a temporary file renamed into place)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    for rec in records:
+      f.write(json.dumps(rec) + "\n")
+  os.replace(tmp, path)
+
+
 def main(argv):
   del argv
   if (_WORKDIR.value is None) == (_HF_MODEL.value is None):
     raise app.UsageError("give exactly one of --workdir and --hf_model")
+  compilation_cache.enable()
+  from decode.config import check_request
+  from decode.generate import generate
   cfg, params, tok = (load_workdir(_WORKDIR.value) if _WORKDIR.value
                       else load_hf_dir(_HF_MODEL.value))
-  prompts = [tok.encode(p) for p in (_PROMPT.value or [])]
-  prompts += [[int(i) for i in p.split(",") if i.strip()] for p in (_PROMPT_IDS.value or [])]
-  if not prompts:
-    raise app.UsageError("give --prompt or --prompt_ids")
-  out = generate(
-      cfg, params, prompts, strategy=_STRATEGY.value, max_new_tokens=_MAX_NEW.value,
-      eos_id=tok.eos, stop_ids=[int(s) for s in _STOP_IDS.value], pad_id=tok.pad,
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-      min_p=_MIN_P.value, repetition_penalty=_REP.value, num_samples=_NUM_SAMPLES.value,
-      num_beams=_NUM_BEAMS.value, length_penalty=_LP.value,
-      length_penalty_type=_LP_TYPE.value,
-      early_stopping={"true": True, "false": False, "never": "never"}[_EARLY.value],
-      num_return_sequences=_NUM_RETURN.value, seed=_SEED.value, cache_growth=_GROWTH.value)
+  gen = generation_config(tok.eos, tok.pad)
+  prompts = read_prompts(tok)
+  try:
+    check_request(cfg, gen, prompts)
+  except ValueError as e:
+    flag = "--prompt / --prompt_ids" if "prompts" in str(e) else f"--{_flag(str(e))}"
+    raise app.UsageError(f"{e} [flag {flag}]") from None
+  out = generate(cfg, params, prompts, gen)
+  if _VERBOSE.value:
+    print(f"# {out.backend.describe()}")
   records = []
   per_prompt = {}
   for r, seq in enumerate(out.sequences()):
@@ -139,9 +213,7 @@ def main(argv):
     print(f"[prompt {p} #{k}] logprob={rec['logprob']:.4f} score={rec['score']:.4f} "
           f"tokens={len(seq)}\n{rec['text']!r}")
   if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      for rec in records:
-        f.write(json.dumps(rec) + "\n")
+    write_jsonl(_OUTPUT.value, records)
 
 
 if __name__ == "__main__":

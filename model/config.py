@@ -99,7 +99,6 @@ class ModelConfig:
   moe_dispatch: str = "capacity"
   moe_gate: str = "topk_softmax"
   moe_ep_exchange: str = "auto"
-  moe_kernel_threads: int = 0
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   router_noise: str = "none"
@@ -141,7 +140,7 @@ class ModelConfig:
               "ffn_dim", "max_seq_len", "moe_top_k", "moe_every"):
       if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
         err(f, "must be a positive integer")
-    for f in ("head_dim", "num_experts", "moe_ffn_dim", "moe_kernel_threads"):
+    for f in ("head_dim", "num_experts", "moe_ffn_dim"):
       if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
         err(f, "must be a non-negative integer")
     if self.num_heads % self.num_kv_heads:
@@ -189,6 +188,10 @@ class ModelConfig:
     """Builds from a mapping (e.g. `config.model`), rejecting unknown keys."""
     return from_mapping(cls, "model", d)
 
+  # Fields of earlier versions, accepted at their old default in the config.json
+  # of existing runs: moe_kernel_threads moved to model/impl.py.
+  REMOVED = {"moe_kernel_threads": 0}
+
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
 
@@ -203,6 +206,8 @@ def from_mapping(cls, section: str, d: Mapping[str, Any]):
   that `__post_init__` sees the declared types and can check ranges.
   """
   names = {f.name for f in dataclasses.fields(cls)}
+  removed = getattr(cls, "REMOVED", {})
+  d = {k: v for k, v in d.items() if not (k in removed and v == removed[k])}
   unknown = sorted(set(d) - names)
   if unknown:
     raise ValueError(f"{section}: unknown field(s) {unknown}; known: {sorted(names)}")

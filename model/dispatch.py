@@ -169,10 +169,10 @@ def grouped_ffn(x_YxD, w_in, w_out, group_sizes_X, expected_rows: int | None = N
   return grouped_mlp(x_YxD, w_in, w_out, group_sizes_X, swiglu, expected_rows)
 
 
-# At most this many tokens (e.g. a decode step), dropless_moe loops over the
-# experts (`expert_loop_moe`) instead of sorting and running the grouped
-# matmul, whose sort, scatter and weight-tile gathers are what costs at such
-# sizes on CPU.
+# impl='cpu': at most this many tokens (a decode step), dropless_moe loops
+# over the experts (`expert_loop_moe`) instead of sorting and running the
+# grouped matmul, whose sort, scatter and weight-tile gathers are what costs
+# at such sizes on XLA:CPU (docs/performance.md).
 SMALL_N = 64
 
 
@@ -216,25 +216,27 @@ def expert_loop_moe(x_NxD, expert_NxA, gate_NxA, w_in, w_out):
   return jax.lax.fori_loop(0, num_experts, body, jnp.zeros_like(x_NxD))
 
 
-def dropless_moe(x_NxD, expert_NxA, gate_NxA, w_in, w_out, kernel_threads: int = 0):
+def dropless_moe(x_NxD, expert_NxA, gate_NxA, w_in, w_out, impl: str = "xla",
+                 threads: int = 0):
   """Sort by expert + grouped matmul (ragged_dot); no token is dropped.
 
-  Small N (decode steps), where sort/scatter overhead and weight reads cost
-  more than FLOPs: with `kernel_threads` > 0 (CPU, float32), the C++ expert
-  kernel (kernels/moe_cpu.py) reads every chosen expert once, in place, for
-  all its rows; else with N*A < X the chosen experts' weights are gathered
-  from the stacked weights; otherwise, for N <= SMALL_N, `expert_loop_moe`.
-  All give the same sum.
+  With fewer assignments than experts (N*A < X: batch-1 decode), only the
+  chosen experts' weights are gathered and run, on any backend. Decode-sized
+  N (<= SMALL_N) on CPU, by `impl` (model/impl.py): 'cpu_kernel' runs the
+  C++ expert kernel (kernels/moe_cpu.py, float32, `threads` threads), which
+  reads every chosen expert once, in place, for all its rows; 'cpu' loops
+  over the chosen experts (`expert_loop_moe`). All give the same sum.
   """
   n, k = expert_NxA.shape
-  if kernel_threads and n <= SMALL_N and x_NxD.dtype == w_in.dtype == jnp.float32:
-    return moe_cpu.moe_ffn(x_NxD, expert_NxA, gate_NxA, w_in, w_out, threads=kernel_threads)
+  small = n <= SMALL_N and impl in ("cpu", "cpu_kernel")
+  if small and impl == "cpu_kernel" and x_NxD.dtype == w_in.dtype == jnp.float32:
+    return moe_cpu.moe_ffn(x_NxD, expert_NxA, gate_NxA, w_in, w_out, threads=threads)
   if n * k < w_in.shape[0]:  # fewer assignments than experts: read only theirs
     flat_Y = expert_NxA.reshape(-1)
     x_Yx1xD = jnp.repeat(x_NxD, k, axis=0)[:, None]
     y_Yx1xD = expert_ffn(x_Yx1xD, w_in[flat_Y], w_out[flat_Y])
     return combine(rearrange(y_Yx1xD, "(n k) 1 d -> n k d", k=k), gate_NxA)
-  if n <= SMALL_N:
+  if small:
     return expert_loop_moe(x_NxD, expert_NxA, gate_NxA, w_in, w_out)
   order_Y, group_sizes_X = sort_by_expert(expert_NxA, w_in.shape[0])
   y_sorted_YxD = grouped_ffn(x_NxD[order_Y // k], w_in, w_out, group_sizes_X)

@@ -14,10 +14,13 @@ one device, sparse dispatch goes through `model/expert_parallel.py`
 routing statistics are those of the global batch. Otherwise the
 single-device functions run (under jit they are partitioned by XLA).
 
+Decoding (`decoding=True`, `Decoder.decode`) always dispatches dropless,
+whatever `moe_dispatch` the model was trained with: every token of a step
+gets all of its top-k experts, so a row's output does not depend on which
+rows share its step. Capacity stays for training and the evaluation loss.
+`impl.moe` (model/impl.py) picks the decode-sized implementation.
+
 Expert weights: w_in (X, D, 2F) [gate | up fused], w_out (X, F, D).
-Decoding on CPU runs the dropless path's small steps in the C++ expert
-kernel (`cfg.moe_kernel_threads`, kernels/moe_cpu.py), which reads every
-chosen expert once, in place, for all of its rows.
 Shape names (README legend): B batch, L length, N = B*L tokens, D width,
 X experts, A experts per token (top-k), Z capacity, F expert hidden width.
 """
@@ -32,6 +35,7 @@ from model.config import ModelConfig
 from model.dispatch import (capacity_moe, capacity_slots, dense_moe, dropless_moe,  # noqa: F401
                             expert_capacity, expert_ffn)
 from model.ffn import fan_in_init
+from model.impl import ModelImpl
 from model.router import Router, Routing
 from model.routing_losses import router_stats
 
@@ -39,6 +43,7 @@ class MoE(nn.Module):
   """x_BxLxD -> (y_BxLxD, RouterStats). Params: router/w_gate, w_in, w_out."""
 
   cfg: ModelConfig
+  impl: ModelImpl = ModelImpl()
 
   def setup(self):
     cfg = self.cfg
@@ -47,9 +52,10 @@ class MoE(nn.Module):
     self.w_in = self.param("w_in", fan_in_init(batch_axis=(0,)), (e, d, 2 * f), jnp.float32)
     self.w_out = self.param("w_out", fan_in_init(batch_axis=(0,)), (e, f, d), jnp.float32)
 
-  def experts(self, x_NxD, routing: Routing, train: bool):
+  def experts(self, x_NxD, routing: Routing, train: bool, decoding: bool = False):
     """Dispatch + experts + combine. Returns (y_NxD, RouterStats)."""
     cfg = self.cfg
+    dispatch = "dropless" if decoding else cfg.moe_dispatch
     dt = jnp.dtype(cfg.dtype)
     w_in, w_out = self.w_in.astype(dt), self.w_out.astype(dt)
     factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
@@ -58,13 +64,13 @@ class MoE(nn.Module):
     if (cfg.moe_mode == "sparse" and expert_parallel.expert_axis_size(mesh) > 1
         and not self.is_initializing()):
       return expert_parallel.expert_parallel_moe(
-          x_NxD, routing, w_in, w_out, mesh, dispatch=cfg.moe_dispatch,
+          x_NxD, routing, w_in, w_out, mesh, dispatch=dispatch,
           capacity_factor=factor, exchange=cfg.moe_ep_exchange)
     if cfg.moe_mode == "dense":
       y, dropped = dense_moe(x_NxD, routing.probs_NxX, w_in, w_out), 0.0
-    elif cfg.moe_dispatch == "dropless":
+    elif dispatch == "dropless":
       y = dropless_moe(x_NxD, routing.expert_NxA, routing.gate_NxA, w_in, w_out,
-                       kernel_threads=cfg.moe_kernel_threads)
+                       impl=self.impl.moe, threads=self.impl.moe_threads)
       dropped = 0.0
     else:
       capacity = expert_capacity(x_NxD.shape[0], cfg.num_experts, cfg.moe_top_k, factor)
@@ -73,9 +79,9 @@ class MoE(nn.Module):
       dropped = 1.0 - kept_NxA.mean()
     return y, router_stats(routing, dropped)
 
-  def __call__(self, x_BxLxD, train: bool = False):
+  def __call__(self, x_BxLxD, train: bool = False, decoding: bool = False):
     b = x_BxLxD.shape[0]
     x_NxD = rearrange(x_BxLxD, "b l d -> (b l) d").astype(jnp.dtype(self.cfg.dtype))
     routing = self.router(x_NxD, train)
-    y_NxD, stats = self.experts(x_NxD, routing, train)
+    y_NxD, stats = self.experts(x_NxD, routing, train, decoding)
     return rearrange(y_NxD, "(b l) d -> b l d", b=b), stats

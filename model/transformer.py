@@ -12,10 +12,15 @@ arrays of shape [num_moe_layers, ...]) and the weighted auxiliary loss
 averaged over MoE blocks (`aux['loss']`, 0.0 for a dense model).
 
 `Decoder.decode(tokens_BxL, positions_BxL, cache)` is the inference path
-(prefill and decode steps alike): every block writes its new keys/values into
-its layer of `cache` (model/kv_cache.py) at `positions_BxL` and attends to
-the cached positions <= each query's. Returns `(logits_BxLxV, cache)`. MoE
-blocks run with train=False (evaluation capacity, no router noise).
+(prefill and decode steps alike): every block attends to the cached
+positions before the step and writes its new keys/values into `cache` (any
+implementation of the protocol in model/cache.py) at `positions_BxL`.
+Returns `(logits_BxLxV, cache)`. MoE blocks route as in evaluation (no
+router noise) and dispatch dropless, so no token of a step is dropped and a
+row's output never depends on the other rows of its batch.
+
+`impl` (model/impl.py) picks backend-specific implementations of the same
+function for decoding; training uses the defaults.
 """
 
 from typing import Optional
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 from model.attention import Attention
 from model.config import ModelConfig
 from model.ffn import SwiGLU
+from model.impl import ModelImpl
 from model.moe import MoE
 from model.norm import RMSNorm
 from model.routing_losses import aux_losses
@@ -37,17 +43,20 @@ class Block(nn.Module):
 
   cfg: ModelConfig
   moe: bool
+  layer: int = 0
+  impl: ModelImpl = ModelImpl()
 
   @nn.compact
   def __call__(self, h_BxLxD, positions_BxL, train: bool = False, cache=None,
                fresh: bool = False):
     cfg = self.cfg
-    a, cache = Attention(cfg, name="attn")(
-        RMSNorm(cfg.norm_eps, name="attn_norm")(h_BxLxD), positions_BxL, cache, fresh)
+    a, cache = Attention(cfg, self.impl, name="attn")(
+        RMSNorm(cfg.norm_eps, name="attn_norm")(h_BxLxD), positions_BxL, cache, self.layer,
+        fresh)
     h_BxLxD = h_BxLxD + a
     x = RMSNorm(cfg.norm_eps, name="ffn_norm")(h_BxLxD)
     if self.moe:
-      f, stats = MoE(cfg, name="moe")(x, train)
+      f, stats = MoE(cfg, self.impl, name="moe")(x, train, decoding=cache is not None)
     else:
       f, stats = SwiGLU(cfg, name="ffn")(x), None
     return h_BxLxD + f, stats, cache
@@ -57,12 +66,13 @@ class Decoder(nn.Module):
   """tokens_BxL -> (logits_BxLxV, aux). See the module docstring."""
 
   cfg: ModelConfig
+  impl: ModelImpl = ModelImpl()
 
   def setup(self):
     cfg = self.cfg
     self.embed = self.param("embed", nn.initializers.normal(stddev=cfg.d_model ** -0.5),
                             (cfg.vocab_size, cfg.d_model), jnp.float32)
-    self.blocks = [Block(cfg, cfg.is_moe_layer(i), name=f"block_{i}")
+    self.blocks = [Block(cfg, cfg.is_moe_layer(i), i, self.impl, name=f"block_{i}")
                    for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps)
     if not cfg.tie_embeddings:
@@ -98,16 +108,15 @@ class Decoder(nn.Module):
     logits_at_B: if given, only row b's position logits_at_B[b] along L is
     unembedded and logits_Bx1xV is returned (prefill needs the last prompt
     token only; at a 32k vocabulary the full [B, L, V] unembedding costs
-    about as much as all the prompt's layers, see README).
+    about as much as all the prompt's layers).
     """
     h = self.embed_tokens(tokens_BxL)
-    layers = []
-    for block, layer in zip(self.blocks, cache.layers):
-      h, _, layer = block(h, positions_BxL, False, layer, fresh)
-      layers.append(layer)
+    cache = cache.reserve(positions_BxL)
+    for block in self.blocks:
+      h, _, cache = block(h, positions_BxL, False, cache, fresh)
     if logits_at_B is not None:
       h = jnp.take_along_axis(h, logits_at_B.astype(jnp.int32)[:, None, None], axis=1)
-    return self.logits(h), cache.replace_layers(layers)
+    return self.logits(h), cache
 
 
 def collect_aux(stats: list, cfg: ModelConfig) -> dict:

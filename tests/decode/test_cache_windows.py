@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from decode import processors as proc
-from decode.cache_windows import cache_windows
-from decode.generate import decode_fn, generate
+from decode.config import GenerationConfig
+from decode.generate import decode_fn, generate, plan_for
+from model.kv_cache import growing_windows as cache_windows
 from model.config import ModelConfig
 from model.transformer import Decoder
 
@@ -41,8 +42,9 @@ def test_growing_cache_decodes_as_one_fixed_cache(params, strategy):
   """Rows of different lengths (5 and 13 tokens) cross the window borders at
   different steps; every token and log-probability equals the fixed cache's."""
   prompts = [[1, 5, 9, 2, 7], [3, 8, 1, 4, 4, 6, 2, 9, 11, 5, 7, 1, 2]]
-  kw = dict(strategy=strategy, max_new_tokens=NEW, seed=4, temperature=0.8, num_beams=2,
-            num_return_sequences=2, num_devices=1)
+  kw = dict(strategy=strategy, max_new_tokens=NEW, seed=4, num_beams=2,
+            num_return_sequences=2 if strategy == "beam" else 1, num_devices=1,
+            **({"temperature": 0.8} if strategy == "sample" else {}))
   grown = generate(CFG, params, prompts, cache_growth=1.25, **kw)
   fixed = generate(CFG, params, prompts, cache_growth=0, **kw)
   np.testing.assert_array_equal(grown.lengths, NEW)
@@ -61,8 +63,9 @@ def test_each_phase_loops_over_its_own_window_without_copying_the_cache(params, 
   step, is the only one allowed."""
   batch, width = (2, 16) if strategy == "greedy" else (1, 16)
   rows = batch * (2 if strategy == "beam" else 1)
-  fn = decode_fn(CFG, strategy, max_new_tokens=NEW, cache_len=width + NEW, num_beams=2,
-                 cache_growth=1.25)
+  fn = decode_fn(CFG, plan_for(CFG, GenerationConfig(strategy=strategy, max_new_tokens=NEW,
+                                                     num_beams=2, cache_growth=1.25,
+                                                     num_devices=1), width, batch))
   args = (params, jnp.ones((batch, width), jnp.int32), jnp.full((batch,), width, jnp.int32),
           proc.SamplingParams.create(rows), jax.random.key(0), (np.float32(1.0), np.int32(1)))
   hlo = fn.lower(*args).compile().as_text()

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from decode import processors as proc
-from decode import generate as generate_module
-from decode.generate import cpu_compiler_options, decode_fn, generate
+from decode import backend as backend_module
+from decode.backend import cpu_compiler_options
+from decode.config import GenerationConfig
+from decode.generate import decode_fn, generate, plan_for
 from kernels import moe_cpu
 from model.config import ModelConfig
 from model.transformer import Decoder
@@ -51,11 +53,11 @@ def test_batched_rows_equal_solo_runs_and_logprobs(params, prompts):
 
 
 def test_stop_tokens_end_rows_and_finished_rows_stop_changing(params, prompts):
-  free = generate(CFG, params, prompts, max_new_tokens=10, pad_id=0)
+  free = generate(CFG, params, prompts, max_new_tokens=10, pad_token_id=0)
   stop = free.tokens[0, 3]  # the 4th greedy token of row 0
   extra = free.tokens[1, 5]
-  out = generate(CFG, params, prompts, max_new_tokens=10, eos_id=int(stop),
-                 stop_ids=[int(extra)], pad_id=0)
+  out = generate(CFG, params, prompts, max_new_tokens=10,
+                 eos_token_id=(int(stop), int(extra)), pad_token_id=0)
   for r in range(len(prompts)):
     ref = free.sequences()[r]
     hits = [i for i, t in enumerate(ref) if t in (stop, extra)]
@@ -75,7 +77,7 @@ def test_stop_tokens_end_rows_and_finished_rows_stop_changing(params, prompts):
 def test_beam_scores_are_length_penalised_logprobs(params, prompts, kind):
   alpha = 0.7
   out = generate(CFG, params, prompts[:2], strategy="beam", num_beams=3,
-                 num_return_sequences=3, max_new_tokens=10, eos_id=5, length_penalty=alpha,
+                 num_return_sequences=3, max_new_tokens=10, eos_token_id=5, length_penalty=alpha,
                  length_penalty_type=kind)
   lp = {"hf": lambda n: n ** alpha, "gnmt": lambda n: ((5 + n) / 6) ** alpha}[kind]
   for r, seq in enumerate(out.sequences()):
@@ -87,7 +89,8 @@ def test_beam_scores_are_length_penalised_logprobs(params, prompts, kind):
 
 
 def test_num_samples_and_argument_errors(params, prompts):
-  out = generate(CFG, params, prompts[:2], strategy="sample", num_samples=3, max_new_tokens=10)
+  out = generate(CFG, params, prompts[:2], strategy="sample", num_return_sequences=3,
+                 max_new_tokens=10)
   assert out.tokens.shape == (6, 10) and list(out.prompt_index) == [0, 0, 0, 1, 1, 1]
   assert len({tuple(s) for s in out.sequences()[:3]}) > 1  # independent draws
   with pytest.raises(ValueError, match="strategy"):
@@ -107,7 +110,8 @@ def test_compiled_decode_loop_never_copies_the_kv_cache(params, batch, strategy)
   copy of a [B, T, K, E] buffer anywhere in the program would be a per-step
   (or per-call) copy of the whole cache."""
   prompt_len, new = 8, 6
-  fn = decode_fn(CFG, strategy, max_new_tokens=new, cache_len=prompt_len + new)
+  fn = decode_fn(CFG, plan_for(CFG, GenerationConfig(strategy=strategy, max_new_tokens=new,
+                                                     num_devices=1), prompt_len, batch))
   args = (params, jnp.ones((batch, prompt_len), jnp.int32),
           jnp.full((batch,), prompt_len, jnp.int32), proc.SamplingParams.create(batch),
           jax.random.key(0), (np.float32(1.0), np.int32(1)))
@@ -127,7 +131,7 @@ def test_compiled_decode_reduces_in_one_kernel_per_reduction(params):
   no reduce-window beside them."""
   if jax.default_backend() != "cpu":
     return  # a CPU compiler option; other backends compile with their defaults
-  fn = decode_fn(CFG, "greedy", max_new_tokens=8, cache_len=72)
+  fn = decode_fn(CFG, plan_for(CFG, GenerationConfig(max_new_tokens=8), 64, 1))
   args = (params, jnp.ones((1, 64), jnp.int32), jnp.full((1,), 64, jnp.int32),
           proc.SamplingParams.create(1), jax.random.key(0), (np.float32(1.0), np.int32(1)))
   hlo = fn.lower(*args).compile().as_text()
@@ -135,33 +139,32 @@ def test_compiled_decode_reduces_in_one_kernel_per_reduction(params):
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
-def test_cpu_expert_kernel_decodes_the_same_as_xla(params, monkeypatch, strategy):
-  """On CPU, MoE decode steps run the C++ expert kernel (kernels/moe_cpu.py,
-  `moe_kernel_config`): the compiled loop calls it, and batch 1 and 2 give
-  the same tokens and log-probabilities as the XLA dispatch."""
+def test_cpu_expert_kernel_decodes_the_same_as_xla(params, strategy):
+  """On CPU, 'auto' runs MoE decode steps in the C++ expert kernel
+  (kernels/moe_cpu.py, decode/backend.py): the compiled loop calls it, and
+  batch 1 and 2 give the same tokens and log-probabilities as the XLA
+  expert loop (moe_impl='cpu') and the generic dispatch (moe_impl='xla')."""
+  gen = GenerationConfig(strategy=strategy, max_new_tokens=10, num_beams=2,
+                         num_return_sequences=2 if strategy == "beam" else 1, num_devices=1)
   if jax.default_backend() != "cpu":
-    assert not generate_module.uses_moe_kernel(CFG)
+    assert backend_module.resolve(CFG, gen, 1).impl.moe == "xla"
     return
-  assert generate_module.moe_kernel_config(CFG, num_devices=1).moe_kernel_threads >= 1
-  prompts = [[5, 7, 9, 11, 2], [3, 1, 4, 1, 5, 9, 2, 6]]
-  kw = dict(strategy=strategy, max_new_tokens=10, num_beams=2, num_return_sequences=2,
-            num_devices=1)
-  decode_fn.cache_clear()
-  hlo = decode_fn(CFG, strategy, max_new_tokens=10, cache_len=16, num_beams=2).lower(
+  plan = plan_for(CFG, gen, 8, 1)
+  assert plan.backend.impl.moe == "cpu_kernel" and plan.backend.impl.moe_threads >= 1
+  hlo = decode_fn(CFG, plan).lower(
       params, jnp.ones((1, 8), jnp.int32), jnp.full((1,), 8, jnp.int32),
       proc.SamplingParams.create(2 if strategy == "beam" else 1), jax.random.key(0),
       (np.float32(1.0), np.int32(1))).as_text()
   assert moe_cpu.TARGET in hlo
-  with_kernel = [generate(CFG, params, prompts[:b], **kw) for b in (1, 2)]
-  monkeypatch.setattr(generate_module, "uses_moe_kernel", lambda cfg: False)
-  decode_fn.cache_clear()
-  try:
-    with_xla = [generate(CFG, params, prompts[:b], **kw) for b in (1, 2)]
-  finally:
-    decode_fn.cache_clear()
-  for k, x in zip(with_kernel, with_xla):
-    np.testing.assert_array_equal(k.tokens, x.tokens)
-    np.testing.assert_allclose(k.logprobs, x.logprobs, rtol=1e-5)
+  prompts = [[5, 7, 9, 11, 2], [3, 1, 4, 1, 5, 9, 2, 6]]
+  with_kernel = [generate(CFG, params, prompts[:b], gen) for b in (1, 2)]
+  assert with_kernel[0].backend.impl.moe == "cpu_kernel"
+  for moe in ("cpu", "xla"):
+    other = [generate(CFG, params, prompts[:b], gen, moe_impl=moe) for b in (1, 2)]
+    for k, x in zip(with_kernel, other):
+      assert x.backend.impl.moe == moe
+      np.testing.assert_array_equal(k.tokens, x.tokens)
+      np.testing.assert_allclose(k.logprobs, x.logprobs, rtol=1e-5)
 
 
 def test_cpu_compiler_options_per_device_count_and_unknown_options_left_out(monkeypatch):
@@ -172,6 +175,6 @@ def test_cpu_compiler_options_per_device_count_and_unknown_options_left_out(monk
   assert one == {"xla_cpu_copy_insertion_use_region_analysis": True,
                  "xla_disable_hlo_passes": "tree_reduction_rewriter"}
   assert split == dict(one, xla_cpu_experimental_ynn_fusion_type="")
-  monkeypatch.setattr(generate_module, "COMPILER_OPTIONS",
-                      dict(generate_module.COMPILER_OPTIONS, xla_cpu_no_such_option=True))
+  monkeypatch.setattr(backend_module, "COMPILER_OPTIONS",
+                      dict(backend_module.COMPILER_OPTIONS, xla_cpu_no_such_option=True))
   assert cpu_compiler_options(1) == one

@@ -10,8 +10,8 @@ from decode.generate import generate
 def test_greedy_identical_token_for_token(hf_twins, prompts):
   hf, cfg, params, eos = hf_twins
   max_new = 16
-  ours = generate(cfg, params, prompts, strategy="greedy", max_new_tokens=max_new, eos_id=eos,
-                  pad_id=0)
+  ours = generate(cfg, params, prompts, strategy="greedy", max_new_tokens=max_new,
+                  eos_token_id=eos, pad_token_id=0)
   stopped = 0
   for r, prompt in enumerate(prompts):  # HF alone per prompt; moelab batched, unequal lengths
     with torch.no_grad():
@@ -25,7 +25,7 @@ def test_greedy_identical_token_for_token(hf_twins, prompts):
     assert (ours.tokens[r, len(ref):] == 0).all()
     if r == 0:  # alone: batch 1 (Mixtral on CPU: the expert kernel with all threads)
       solo = generate(cfg, params, [prompt], strategy="greedy", max_new_tokens=max_new,
-                      eos_id=eos, pad_id=0)
+                      eos_token_id=eos, pad_token_id=0)
       assert solo.sequences()[0] == ref
       np.testing.assert_allclose(solo.logprobs[0], logp, rtol=1e-4, atol=1e-4)
   assert stopped >= 1  # the EOS path is exercised
@@ -45,7 +45,7 @@ def test_beam_search_sequences_and_scores(hf_twins, prompts):
                           return_dict_in_generate=True, output_scores=True)
       ours = generate(cfg, params, prompts, strategy="beam", num_beams=beams,
                       num_return_sequences=beams, max_new_tokens=max_new, length_penalty=lp,
-                      early_stopping=early_stopping, eos_id=eos, pad_id=0)
+                      early_stopping=early_stopping, eos_token_id=eos, pad_token_id=0)
       ref = out.sequences[:, len(prompts[0]):].numpy()
       width = ref.shape[1]
       assert ours.lengths.max() == width

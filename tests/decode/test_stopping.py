@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from decode import processors as proc
-from decode.generate import decode_fn
+from decode.config import GenerationConfig
+from decode.generate import decode_fn, plan_for
 from decode.stopping import stop_hits
 from model.config import ModelConfig
 from model.transformer import Decoder
@@ -30,7 +31,8 @@ def test_decode_without_stop_ids_has_no_zero_size_array(strategy, beams):
   """jaxlib 0.11.2 segfaults compiling a zero-size constant inside
   `jax.shard_map` (the row-split decode); an empty array of stop ids was one."""
   params = Decoder(CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  fn = decode_fn(CFG, strategy, max_new_tokens=4, cache_len=12, num_beams=beams)
+  fn = decode_fn(CFG, plan_for(CFG, GenerationConfig(strategy=strategy, max_new_tokens=4,
+                                                     num_beams=beams), 8, 2))
   args = (params, jnp.ones((2, 8), jnp.int32), jnp.full((2,), 8, jnp.int32),
           proc.SamplingParams.create(2 * beams), jax.random.key(0),
           (np.float32(1.0), np.int32(1)))

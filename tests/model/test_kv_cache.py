@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model.config import ModelConfig
-from model.kv_cache import KVCache, update_rows
+from model.kv_cache import ContiguousSpec, update_rows
 from model.transformer import Decoder
 
 DENSE = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -38,7 +38,7 @@ def test_cached_decode_matches_full_forward_at_every_position(cfg, fresh):
   b, length, prefix = 2, 12, 5
   tokens = jax.random.randint(jax.random.key(1), (b, length), 0, cfg.vocab_size)
   full, _ = jax.jit(model.apply)({"params": params}, tokens)
-  cache = KVCache.init(cfg, b, 16)
+  cache = ContiguousSpec().init(cfg, b, 16)
   pos = jnp.broadcast_to(jnp.arange(length), (b, length))
   step = jax.jit(lambda t, p, c, f=False: model.apply({"params": params}, t, p, c, f,
                                                       method=Decoder.decode), static_argnums=3)
@@ -65,7 +65,7 @@ def test_rows_of_different_lengths_decode_as_if_alone():
     prompt = np.full((bsz, width), 7, np.int32)  # padding garbage past each length
     for r, (t, n) in enumerate(zip(rows_tokens, row_lens)):
       prompt[r, :n] = t[:n]
-    cache = KVCache.init(cfg, bsz, 16)
+    cache = ContiguousSpec().init(cfg, bsz, 16)
     logits, cache = apply(jnp.asarray(prompt), jnp.broadcast_to(jnp.arange(width), (bsz, width)), cache)
     out = [logits[np.arange(bsz), np.array(row_lens) - 1]]
     for i in range(new):
@@ -82,7 +82,7 @@ def test_rows_of_different_lengths_decode_as_if_alone():
 
 
 def test_reorder_and_repeat_move_rows():
-  cache = KVCache.init(DENSE, 2, 4)
+  cache = ContiguousSpec().init(DENSE, 2, 4)
   layer = cache.layers[0]
   cache = cache.replace_layers([layer.replace(k_BxTxKxE=layer.k_BxTxKxE + jnp.arange(2.0)[:, None, None, None])]
                                + list(cache.layers[1:]))
@@ -92,8 +92,10 @@ def test_reorder_and_repeat_move_rows():
   np.testing.assert_array_equal(ro.layers[0].k_BxTxKxE[:, 0, 0, 0], [1, 0, 0, 1])
 
 
-def test_cached_attention_equals_grouped_attention_over_the_concatenation():
-  """attend_cached(cache, new) == attend over [cache; new] with the joint mask."""
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+def test_cached_attention_equals_grouped_attention_over_the_concatenation(impl):
+  """attend_cached(cache, new) == attend over [cache; new] with the joint mask,
+  in both implementations (the CPU block-diagonal form and the grouped one)."""
   from model.attention import attend, attend_cached
   ks = jax.random.split(jax.random.key(0), 7)
   q = jax.random.normal(ks[0], (2, 3, 8, 16))
@@ -103,8 +105,8 @@ def test_cached_attention_equals_grouped_attention_over_the_concatenation():
   new_mask = jax.random.bernoulli(ks[6], 0.6, (2, 3, 3)).at[:, :, 0].set(True)
   want = attend(q, jnp.concatenate([k, kn], 1), jnp.concatenate([v, vn], 1),
                 jnp.concatenate([cache_mask, new_mask], -1))
-  np.testing.assert_allclose(jax.jit(attend_cached)(q, k, v, cache_mask, kn, vn, new_mask),
-                             want, atol=1e-5)
+  got = jax.jit(attend_cached, static_argnums=7)(q, k, v, cache_mask, kn, vn, new_mask, impl)
+  np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_logits_at_returns_only_the_requested_position_of_each_row():
@@ -113,10 +115,10 @@ def test_logits_at_returns_only_the_requested_position_of_each_row():
   b, length = 3, 9
   tokens = jax.random.randint(jax.random.key(2), (b, length), 0, DENSE.vocab_size)
   pos = jnp.broadcast_to(jnp.arange(length), (b, length))
-  full, _ = model.apply({"params": params}, tokens, pos, KVCache.init(DENSE, b, 16), True,
-                        method=Decoder.decode)
+  empty = ContiguousSpec().init(DENSE, b, 16)
+  full, _ = model.apply({"params": params}, tokens, pos, empty, True, method=Decoder.decode)
   at = jnp.array([8, 0, 4])
-  one, cache = model.apply({"params": params}, tokens, pos, KVCache.init(DENSE, b, 16), True,
-                           at, method=Decoder.decode)
+  one, cache = model.apply({"params": params}, tokens, pos, empty, True, at,
+                           method=Decoder.decode)
   assert one.shape == (b, 1, DENSE.vocab_size)
   np.testing.assert_allclose(one[:, 0], full[jnp.arange(b), at], atol=1e-6, rtol=1e-6)

@@ -1,6 +1,5 @@
 """MoE layer against per-token references."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ from kernels import moe_cpu
 from model import dispatch
 from model import moe as moe_lib
 from model.config import ModelConfig
+from model.impl import ModelImpl
 from model.ffn import swiglu
 
 N, D, F, E = 24, 8, 16, 4
@@ -146,8 +146,9 @@ def test_gradients_of_dispatch_paths_agree():
 
 @pytest.mark.parametrize("n", [1, 3, 5, 8, dispatch.SMALL_N, dispatch.SMALL_N + 40])
 def test_dropless_small_and_grouped_paths_equal_capacity(n):
-  """Every dropless path: gathered experts (N*K < E), the expert loop with its
-  row buckets (N <= SMALL_N), sorted grouped matmul beyond."""
+  """Every dropless path: gathered experts (N*A < X), the expert loop with its
+  row buckets (impl='cpu', N <= SMALL_N), sorted grouped matmul beyond and
+  for impl='xla' at every size."""
   k = jax.random.split(jax.random.key(7), 4)
   x = jax.random.normal(k[0], (n, D))
   w_in = jax.random.normal(k[1], (E, D, 2 * F)) * 0.3
@@ -155,18 +156,19 @@ def test_dropless_small_and_grouped_paths_equal_capacity(n):
   top_logits, expert = jax.lax.top_k(jax.random.normal(k[3], (n, E)), 2)
   gate = jax.nn.softmax(top_logits, -1)
   y_cap, _ = moe_lib.capacity_moe(x, expert, gate, w_in, w_out, capacity=2 * n)
-  np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out), y_cap,
-                             atol=1e-5)
+  for impl in ("xla", "cpu"):
+    np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out, impl), y_cap,
+                               atol=1e-5)
   if jax.default_backend() == "cpu":  # the C++ CPU expert kernel (decode steps, N <= SMALL_N)
     for threads in (1, 2):
       np.testing.assert_allclose(
-          moe_lib.dropless_moe(x, expert, gate, w_in, w_out, kernel_threads=threads), y_cap,
+          moe_lib.dropless_moe(x, expert, gate, w_in, w_out, "cpu_kernel", threads), y_cap,
           atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 5, dispatch.SMALL_N, dispatch.SMALL_N + 1])
 def test_kernel_threads_run_the_cpu_kernel_exactly_for_small_steps(n):
-  """MoE with `moe_kernel_threads`: the same output, and the program calls
+  """MoE with impl moe='cpu_kernel': the same output, and the program calls
   the C++ expert kernel exactly when N <= SMALL_N (a decode step)."""
   if jax.default_backend() != "cpu":
     pytest.skip("the C++ expert kernel runs on the CPU backend only")
@@ -176,7 +178,7 @@ def test_kernel_threads_run_the_cpu_kernel_exactly_for_small_steps(n):
   layer = moe_lib.MoE(cfg)
   params = layer.init(jax.random.key(0), x)["params"]
   y, _ = layer.apply({"params": params}, x)
-  kernel_layer = moe_lib.MoE(dataclasses.replace(cfg, moe_kernel_threads=2))
+  kernel_layer = moe_lib.MoE(cfg, ModelImpl(moe="cpu_kernel", moe_threads=2))
   y_kernel, _ = kernel_layer.apply({"params": params}, x)
   np.testing.assert_allclose(y_kernel, y, atol=1e-5)
   hlo = jax.jit(kernel_layer.apply).lower({"params": params}, x).as_text()

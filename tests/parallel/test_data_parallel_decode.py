@@ -7,7 +7,8 @@ import pytest
 
 from decode import data_parallel
 from decode import processors as proc
-from decode.generate import decode_fn, generate
+from decode.config import GenerationConfig
+from decode.generate import decode_fn, generate, plan_for
 from model.config import ModelConfig
 from model.transformer import Decoder
 
@@ -34,18 +35,19 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("strategy,kw,prompts,devices", [
     ("greedy", {}, PROMPTS, (2, 8)),
-    ("sample", dict(num_samples=2, temperature=0.9, top_k=[0, 10, 20, 5]), PROMPTS[:4], (4,)),
+    ("sample", dict(num_return_sequences=2, temperature=0.9, top_k=(0, 10, 20, 5)), PROMPTS[:4],
+     (4,)),
     ("beam", dict(num_beams=3, length_penalty=0.6, num_return_sequences=2), PROMPTS[:4], (2,)),
 ])
 def test_results_do_not_depend_on_the_number_of_devices(params, strategy, kw, prompts, devices):
   free = generate(CFG, params, prompts[:1], strategy="greedy", max_new_tokens=12)
   eos = int(free.tokens[0, 4])  # some rows stop early, the others run to the end
-  one = generate(CFG, params, prompts, strategy=strategy, max_new_tokens=12, eos_id=eos,
+  one = generate(CFG, params, prompts, strategy=strategy, max_new_tokens=12, eos_token_id=eos,
                  seed=5, num_devices=1, **kw)
   assert len(set(one.lengths.tolist())) > 1
   for n in devices:
     _assert_same(one, generate(CFG, params, prompts, strategy=strategy, max_new_tokens=12,
-                               eos_id=eos, seed=5, num_devices=n, **kw))
+                               eos_token_id=eos, seed=5, num_devices=n, **kw))
 
 
 def test_default_uses_the_devices_that_divide_the_rows(params):
@@ -74,7 +76,7 @@ def test_split_rows_compile_without_ynnpack_fusions(params):
   args = (data_parallel.replicate(params, 2), jnp.ones((2, 8), jnp.int32),
           jnp.full((2,), 8, jnp.int32), proc.SamplingParams.create(2), jax.random.key(0),
           (np.float32(1.0), np.int32(1)))
-  fn = decode_fn(CFG, "greedy", max_new_tokens=4, cache_len=12, num_devices=2)
+  fn = decode_fn(CFG, plan_for(CFG, GenerationConfig(max_new_tokens=4, num_devices=2), 8, 2))
   hlo = fn.lower(*args).compile().as_text()
   assert " while(" in hlo and "__ynn_fusion" not in hlo
 

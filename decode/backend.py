@@ -1,0 +1,112 @@
+"""Backend choices for decoding, resolved in one place, once per compile.
+
+`resolve(cfg, gen, num_rows)` turns the `auto | <name>` choices of a
+GenerationConfig into a `Backend`: which implementation of each piece runs
+(model/impl.py), over how many devices the rows are split, and which
+compiler options the loop is compiled with. The generic algorithm (the
+model, the loops) never asks which backend it is on; the CPU variants live
+beside their references and are chosen only here. `GenerateOutput.backend`
+records the choice.
+
+    attention  auto: 'cpu' (block-diagonal cached attention) on the CPU backend,
+               'xla' (grouped) elsewhere
+    moe        auto: on CPU, sparse float32 MoE runs decode steps in the C++ expert
+               kernel ('cpu_kernel') when it builds, else the expert loop ('cpu');
+               'xla' elsewhere
+    devices    0: the most local devices that divide the rows (on CPU, one per core:
+               decode/data_parallel.py); the kernel gets the cores of its device
+    compiler   XLA:CPU: COMPILER_OPTIONS, plus ROW_SPLIT_OPTIONS when the rows are
+               split over devices; none elsewhere
+
+docs/performance.md has the measurements behind each CPU choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import numpy as np
+
+from decode import data_parallel
+from decode.config import GenerationConfig
+from kernels import moe_cpu
+from model.config import ModelConfig
+from model.impl import ModelImpl
+
+# XLA:CPU debug options (decode loops only). Region-analysis copy insertion
+# proves the step's cache read precedes its in-place write and inserts no
+# whole-cache copy per layer and step; without the tree-reduction rewriter
+# every norm / softmax reduction is one kernel instead of two.
+COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True,
+                    "xla_disable_hlo_passes": "tree_reduction_rewriter"}
+# With the rows split over CPU devices (one per core), YNNPACK fusions would
+# spread an op over the shared intra-op threads and wait for the other
+# device's core; an empty list of fusion types turns them off.
+ROW_SPLIT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """The resolved choices (hashable: part of what `decode_fn` compiles for)."""
+
+  platform: str
+  impl: ModelImpl
+  num_devices: int
+  compiler_options: tuple = ()   # sorted (name, value) pairs
+
+  def describe(self) -> str:
+    opts = ", ".join(f"{k}={v!r}" for k, v in self.compiler_options) or "none"
+    return (f"backend={self.platform} attention={self.impl.attention} moe={self.impl.moe}"
+            f"{f' ({self.impl.moe_threads} threads)' if self.impl.moe_threads else ''} "
+            f"devices={self.num_devices} compiler_options: {opts}")
+
+
+def resolve(cfg: ModelConfig, gen: GenerationConfig, num_rows: int) -> Backend:
+  """The Backend for decoding `num_rows` rows (prompts for beam search) of `cfg`."""
+  platform = jax.default_backend()
+  on_cpu = platform == "cpu"
+  devices = gen.num_devices or data_parallel.auto_num_devices(num_rows)
+  if num_rows % devices:
+    raise ValueError(f"generation.num_devices: {devices} must divide the {num_rows} rows "
+                     "(prompts for beam search)")
+  attention = gen.attention_impl
+  if attention == "auto":
+    attention = "cpu" if on_cpu else "xla"
+  moe = gen.moe_impl
+  kernel_ok = (on_cpu and cfg.num_experts > 0 and cfg.moe_mode == "sparse"
+               and cfg.dtype == "float32" and moe_cpu.available())
+  if moe == "auto":
+    moe = ("cpu_kernel" if kernel_ok else "cpu") if on_cpu else "xla"
+  if moe == "cpu_kernel" and not kernel_ok:
+    why = moe_cpu.build_error() or f"needs the CPU backend and a float32 sparse MoE ({platform})"
+    raise ValueError(f"generation.moe_impl: 'cpu_kernel' is not available: {why}")
+  threads = max(1, _cores() // devices) if moe == "cpu_kernel" else 0
+  options = cpu_compiler_options(devices) if on_cpu else {}
+  return Backend(platform=platform, impl=ModelImpl(attention, moe, threads),
+                 num_devices=devices, compiler_options=tuple(sorted(options.items())))
+
+
+def _cores() -> int:
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def cpu_compiler_options(num_devices: int) -> dict:
+  """COMPILER_OPTIONS, plus ROW_SPLIT_OPTIONS with several devices; options
+  this jaxlib does not know are left out (they are XLA debug options)."""
+  options = dict(COMPILER_OPTIONS, **(ROW_SPLIT_OPTIONS if num_devices > 1 else {}))
+  return {k: v for k, v in options.items() if _cpu_option_known(k, v)}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_option_known(name: str, value) -> bool:
+  """Whether XLA:CPU accepts compiler option `name` = `value` (a trial compile)."""
+  try:
+    jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options={name: value})
+  except jax.errors.JaxRuntimeError:
+    return False
+  return True

@@ -1,0 +1,93 @@
+"""The decode-cache protocol: everything the model and the decode loops ask of a cache.
+
+A cache maps (row b, position p) to what attention needs of token p of row b
+in every block: K and V (`model/kv_cache.py`), or a latent for MLA. The
+model (model/attention.py, model/transformer.py) and the loops (decode/)
+use a cache only through the methods below, so a new layout (pages and a
+block table, a latent store) is a new class, not a change to the loops.
+
+Step semantics (prefill, one-token steps and multi-token speculative steps
+alike). A step feeds row b the L tokens at positions `positions_BxL[b]`, a
+contiguous run starting at `positions_BxL[b, 0]`; rows may be at different
+positions and may advance by different amounts from step to step. Block
+i's queries attend to the cached positions < positions_BxL[b, 0] and,
+causally, to the step's own L keys; then the step's entries are written at
+their positions. An entry at or past a row's next position is never read,
+so a rejected draft token, a right-padded prompt tail or a finished row's
+idle write needs no clean-up: the next step at that position overwrites it.
+
+Cache (a pytree carried by the loops):
+
+    cache = cache.reserve(positions_BxL)          # room for this step's writes, once per
+                                                  # step before block 0 (a paged cache
+                                                  # claims pages here; `Decoder.decode`)
+    o_BxLxHxE = cache.attend(i, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxL, impl)
+    cache = cache.update(i, k_BxLxKxE, v_BxLxKxE, positions_BxL)    # block i's write
+    cache = cache.repeat(n)        # row r -> rows r*n .. r*n+n-1 (a prompt's beams/samples)
+    cache = cache.reorder(rows_B)  # row b <- row rows_B[b] (beam search parents)
+    cache = cache.grow(max_len)    # room for max_len positions per row (growing windows)
+    cache.max_len                  # positions per row it can hold now
+
+`impl` names the attention implementation (model/impl.py) chosen by
+decode/backend.py. `attend` must read before `update` writes: the write is
+then the buffer's only consumer and XLA does it in place.
+
+CacheSpec (static and hashable: part of what a decode loop compiles for):
+
+    spec = CACHE_KINDS[gen.kv_cache].from_config(gen)   # GenerationConfig fields
+    cache = spec.init(cfg, rows, max_len, dtype)        # empty
+    spec.windows(prompt_width, total)   # cache sizes of the loop's phases (decode/cache_windows.py)
+    spec.split(num_devices)             # the spec each device uses when the rows are split
+                                        # over devices (decode/data_parallel.py): each device
+                                        # builds its own cache for its rows
+
+A new kind registers its spec with `@register("name")`; `GenerationConfig`
+accepts every registered name as `kv_cache`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+CACHE_KINDS: dict[str, type] = {}
+
+
+def register(name: str):
+  """Class decorator: makes `name` a `GenerationConfig.kv_cache` value."""
+  def deco(spec_cls):
+    CACHE_KINDS[name] = spec_cls
+    return spec_cls
+  return deco
+
+
+class Cache(Protocol):
+  """What model/attention.py and decode/ call; see the module docstring."""
+
+  @property
+  def max_len(self) -> int: ...
+
+  def reserve(self, positions_BxL) -> "Cache": ...
+
+  def attend(self, layer: int, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxL,
+             impl: str) -> Any: ...
+
+  def update(self, layer: int, k_BxLxKxE, v_BxLxKxE, positions_BxL) -> "Cache": ...
+
+  def repeat(self, n: int) -> "Cache": ...
+
+  def reorder(self, rows_B) -> "Cache": ...
+
+  def grow(self, max_len: int) -> "Cache": ...
+
+
+class CacheSpec(Protocol):
+  """How to build caches of one kind; see the module docstring."""
+
+  @classmethod
+  def from_config(cls, gen) -> "CacheSpec": ...
+
+  def init(self, cfg, rows: int, max_len: int, dtype=None) -> Cache: ...
+
+  def windows(self, prompt_width: int, total: int) -> tuple[int, ...]: ...
+
+  def split(self, num_devices: int) -> "CacheSpec": ...
