@@ -9,18 +9,16 @@ its block with no communication; a device stops when its own rows are done.
     params = replicate(params, n)         # the same weights on every device
 
 Why this matters on CPU: one device runs the ops of a decode step one after
-the other, most of them on one core; XLA:CPU spreads only the larger
-products over its intra-op threads (a 4-row stand-in of the llama-like
-step used about 1.7 cores, a 1-row one 1.0), so a batch of 8 on one device
-leaves much of the other cores idle. Host devices
-(`--xla_force_host_platform_device_count=C`, one per core) each run a
-block concurrently. They all stream the weights
+the other, most of them on one core, so a batch on one device leaves the
+other cores idle; host devices (`--xla_force_host_platform_device_count=C`,
+one per core) each run a block concurrently. They all stream the weights
 every step, so `replicate` gives every CPU device the *same* host buffer (a
-zero-copy view; the arrays are immutable): with a separate copy per device
-the bytes streamed through the shared cache double, and two devices measured
-no faster than one (batch 8 on 2 cores: 4.6-5.2k tok/s with copies, 6.9-8.0k
-shared, 4.6-5.4k on one device). On accelerators it is a plain replicated
-`device_put`.
+zero-copy view; the arrays are immutable): with a copy per device the bytes
+streamed through the shared cache double (docs/performance.md). On
+accelerators it is a plain replicated `device_put`.
+
+Caches are not split here: each device builds its own for its rows inside
+the function, from the cache spec's `split(num_devices)` (model/cache.py).
 """
 
 from __future__ import annotations
