@@ -52,7 +52,10 @@ class GenerationConfig:
       the best hypotheses ('beam', <= num_beams); 1 for 'greedy'.
     length_penalty, length_penalty_type, early_stopping: beam search scoring
       and stopping (HF; 'gnmt' is Wu et al. 2016 eq. 14).
-    seed: PRNG seed; row r of prompt b draws with its own key.
+    seed: PRNG seed, or one per prompt. Sample j of prompt b draws with
+      fold_in(key_b, j), key_b = key(seed[b]) (a tuple) or fold_in(key(seed), b):
+      a row's draws depend on its seed and indices only, never on the other
+      prompts of the batch or on the device split.
     kv_cache: cache kind (model/cache.py registry): 'contiguous'.
     cache_growth: growing cache windows of the contiguous cache (<= 1: off).
     attention_impl: 'auto' | 'xla' | 'cpu' (decode/backend.py).
@@ -76,7 +79,7 @@ class GenerationConfig:
   length_penalty: float = 1.0
   length_penalty_type: str = "hf"
   early_stopping: Any = False
-  seed: int = 0
+  seed: Any = 0
   kv_cache: str = "contiguous"
   cache_growth: float = 2.0
   attention_impl: str = "auto"
@@ -103,7 +106,11 @@ class GenerationConfig:
     integer("max_new_tokens", 1)
     integer("pad_token_id", 0)
     integer("min_tokens_to_keep", 1)
-    integer("seed", 0)
+    if isinstance(self.seed, list):
+      object.__setattr__(self, "seed", tuple(self.seed))
+    for x in _values(self.seed):
+      if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        err("seed", "must be an integer >= 0 or a tuple of them, one per prompt")
     integer("num_devices", 0)
     integer("num_beams", 1)
     integer("num_return_sequences", 1)
@@ -189,7 +196,7 @@ def check_request(cfg: ModelConfig, gen: GenerationConfig,
   if longest + gen.max_new_tokens > cfg.max_seq_len:
     raise ValueError(f"generation.max_new_tokens: prompt ({longest}) + max_new_tokens "
                      f"({gen.max_new_tokens}) exceeds model.max_seq_len={cfg.max_seq_len}")
-  for f in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+  for f in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
     v = getattr(gen, f)
     if isinstance(v, tuple) and len(v) != len(prompts):
       raise ValueError(f"generation.{f}: {len(v)} values for {len(prompts)} prompts")

@@ -126,18 +126,19 @@ def plan_for(cfg: ModelConfig, gen: GenerationConfig, prompt_width: int,
 
 @functools.lru_cache(maxsize=64)
 def decode_fn(cfg: ModelConfig, plan: DecodePlan):
-  """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng, beam) -> dict.
+  """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng_B, beam) -> dict.
 
   `beam` = (length_penalty float32 [], early_stopping_code int32 []): run-time
   values, so one compilation serves every length penalty. The dict holds
   `tokens` [B, O], `lengths` [B], `logprobs` [B], `scores` [B] for the B rows
   (greedy/sample) or B * num_beams rows (beam, best first).
 
-  With plan.backend.num_devices > 1 the B prompts split into equal blocks over
-  that many local devices (decode/data_parallel.py): each runs prefill and its
-  own while_loop over its block. Sampling keys are per row, split from `rng`
-  before the split, so results do not depend on the device count. Pass
-  params placed by `data_parallel.replicate(params, num_devices)`.
+  rng_B holds one PRNG key per row (`row_keys`). With
+  plan.backend.num_devices > 1 the B rows split into equal blocks over that
+  many local devices (decode/data_parallel.py): each runs prefill and its own
+  while_loop over its block; the keys travel with their rows, so results do
+  not depend on the device count. Pass params placed by
+  `data_parallel.replicate(params, num_devices)`.
   """
   backend = plan.backend
   strategy = plan.strategy
@@ -167,12 +168,7 @@ def decode_fn(cfg: ModelConfig, plan: DecodePlan):
             "scores": s.logprob_B}
 
   rows = data_parallel.split_rows(rows, backend.num_devices, replicated_args=(0, 5))
-
-  def run(params, prompt_BxP, prompt_len_B, sp, rng, beam):
-    rng_B = jax.random.split(rng, prompt_BxP.shape[0])
-    return rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam)
-
-  return jax.jit(run, compiler_options=dict(backend.compiler_options) or None)
+  return jax.jit(rows, compiler_options=dict(backend.compiler_options) or None)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
@@ -185,6 +181,18 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PRO
   for i, p in enumerate(prompts):
     out[i, : len(p)] = p
   return out, lens
+
+
+def row_keys(gen: GenerationConfig, num_prompts: int):
+  """PRNG key of every row: fold_in(key_b, j) for sample j of prompt b (GenerationConfig.seed)."""
+  if isinstance(gen.seed, tuple):
+    keys_B = jax.vmap(jax.random.key)(jnp.asarray(gen.seed, jnp.uint32))
+  else:
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(gen.seed),
+                                                      jnp.arange(num_prompts))
+  rows = gen.rows_per_prompt if gen.strategy == "sample" else 1
+  fold = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))
+  return fold(keys_B, jnp.arange(rows)).reshape(-1)
 
 
 def sampling_params(gen: GenerationConfig, num_prompts: int) -> proc.SamplingParams:
@@ -216,7 +224,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]],
   fn = decode_fn(cfg, plan)
   beam = (np.float32(gen.length_penalty), np.int32(early_stopping_code(gen.early_stopping)))
   params = data_parallel.replicate(params, plan.backend.num_devices)
-  out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, jax.random.key(gen.seed), beam))
+  out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, row_keys(gen, b), beam))
   keep = gen.num_return_sequences
   sel = (np.arange(b)[:, None] * rows + np.arange(keep)[None]).reshape(-1)
   return GenerateOutput(tokens=np.asarray(out["tokens"])[sel],

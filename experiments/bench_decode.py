@@ -58,7 +58,7 @@ from absl import app, flags  # noqa: E402
 
 from decode import data_parallel  # noqa: E402
 from decode.config import GenerationConfig  # noqa: E402
-from decode.generate import decode_fn, pad_prompts, plan_for, sampling_params  # noqa: E402
+from decode.generate import decode_fn, pad_prompts, plan_for, row_keys, sampling_params  # noqa: E402
 from model.hf_interop import config_from_hf, params_from_hf  # noqa: E402
 from model.router import Router  # noqa: E402
 from model.transformer import Decoder  # noqa: E402
@@ -125,7 +125,7 @@ def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int):
   devices = plan.backend.num_devices
   fn = decode_fn(cfg, plan)
   args = (data_parallel.replicate(params, devices), jnp.asarray(prompt), jnp.asarray(lens),
-          sampling_params(gen, prompt.shape[0]), jax.random.key(0),
+          sampling_params(gen, prompt.shape[0]), row_keys(gen, prompt.shape[0]),
           (np.float32(1.0), np.int32(1)))
   t = time.perf_counter()
   compiled = fn.lower(*args).compile()

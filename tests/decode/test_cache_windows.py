@@ -67,7 +67,8 @@ def test_each_phase_loops_over_its_own_window_without_copying_the_cache(params, 
                                                      num_beams=2, cache_growth=1.25,
                                                      num_devices=1), width, batch))
   args = (params, jnp.ones((batch, width), jnp.int32), jnp.full((batch,), width, jnp.int32),
-          proc.SamplingParams.create(rows), jax.random.key(0), (np.float32(1.0), np.int32(1)))
+          proc.SamplingParams.create(rows), jax.random.split(jax.random.key(0), batch),
+          (np.float32(1.0), np.int32(1)))
   hlo = fn.lower(*args).compile().as_text()
   bodies = [re.search(r"^%" + re.escape(name) + r" .*?^}", hlo, re.M | re.S).group(0)
             for name in re.findall(r" while\(.*?body=%([\w.\-]+)", hlo)]

@@ -114,7 +114,7 @@ def test_compiled_decode_loop_never_copies_the_kv_cache(params, batch, strategy)
                                                      num_devices=1), prompt_len, batch))
   args = (params, jnp.ones((batch, prompt_len), jnp.int32),
           jnp.full((batch,), prompt_len, jnp.int32), proc.SamplingParams.create(batch),
-          jax.random.key(0), (np.float32(1.0), np.int32(1)))
+          jax.random.split(jax.random.key(0), batch), (np.float32(1.0), np.int32(1)))
   hlo = fn.lower(*args).compile().as_text()
   shape = f"f32[{batch},{prompt_len + new},{CFG.num_kv_heads},{CFG.dim_per_head}]"
   bodies = [re.search(r"^%" + re.escape(name) + r" .*?^}", hlo, re.M | re.S).group(0)
@@ -133,7 +133,8 @@ def test_compiled_decode_reduces_in_one_kernel_per_reduction(params):
     return  # a CPU compiler option; other backends compile with their defaults
   fn = decode_fn(CFG, plan_for(CFG, GenerationConfig(max_new_tokens=8), 64, 1))
   args = (params, jnp.ones((1, 64), jnp.int32), jnp.full((1,), 64, jnp.int32),
-          proc.SamplingParams.create(1), jax.random.key(0), (np.float32(1.0), np.int32(1)))
+          proc.SamplingParams.create(1), jax.random.split(jax.random.key(0), 1),
+          (np.float32(1.0), np.int32(1)))
   hlo = fn.lower(*args).compile().as_text()
   assert " reduce(" in hlo and "reduce-window" not in hlo
 
@@ -153,8 +154,8 @@ def test_cpu_expert_kernel_decodes_the_same_as_xla(params, strategy):
   assert plan.backend.impl.moe == "cpu_kernel" and plan.backend.impl.moe_threads >= 1
   hlo = decode_fn(CFG, plan).lower(
       params, jnp.ones((1, 8), jnp.int32), jnp.full((1,), 8, jnp.int32),
-      proc.SamplingParams.create(2 if strategy == "beam" else 1), jax.random.key(0),
-      (np.float32(1.0), np.int32(1))).as_text()
+      proc.SamplingParams.create(2 if strategy == "beam" else 1),
+      jax.random.split(jax.random.key(0), 1), (np.float32(1.0), np.int32(1))).as_text()
   assert moe_cpu.TARGET in hlo
   prompts = [[5, 7, 9, 11, 2], [3, 1, 4, 1, 5, 9, 2, 6]]
   with_kernel = [generate(CFG, params, prompts[:b], gen) for b in (1, 2)]

@@ -34,7 +34,7 @@ def test_decode_without_stop_ids_has_no_zero_size_array(strategy, beams):
   fn = decode_fn(CFG, plan_for(CFG, GenerationConfig(strategy=strategy, max_new_tokens=4,
                                                      num_beams=beams), 8, 2))
   args = (params, jnp.ones((2, 8), jnp.int32), jnp.full((2,), 8, jnp.int32),
-          proc.SamplingParams.create(2 * beams), jax.random.key(0),
+          proc.SamplingParams.create(2 * beams), jax.random.split(jax.random.key(0), 2),
           (np.float32(1.0), np.int32(1)))
   text = fn.lower(*args).as_text()
   assert not re.findall(r"tensor<(?:\d+x)*0x\w*>", text)

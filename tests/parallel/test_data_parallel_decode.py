@@ -71,11 +71,11 @@ def test_replicate_shares_one_host_buffer_between_cpu_devices(params):
 
 def test_split_rows_compile_without_ynnpack_fusions(params):
   """Several CPU devices each run their own rows' loop: decode_fn compiles
-  them with no YNNPACK fusion (decode/generate.py ROW_SPLIT_OPTIONS), whose
+  them with no YNNPACK fusion (decode/backend.py ROW_SPLIT_OPTIONS), whose
   ops would wait for the core of the other device."""
   args = (data_parallel.replicate(params, 2), jnp.ones((2, 8), jnp.int32),
-          jnp.full((2,), 8, jnp.int32), proc.SamplingParams.create(2), jax.random.key(0),
-          (np.float32(1.0), np.int32(1)))
+          jnp.full((2,), 8, jnp.int32), proc.SamplingParams.create(2),
+          jax.random.split(jax.random.key(0), 2), (np.float32(1.0), np.int32(1)))
   fn = decode_fn(CFG, plan_for(CFG, GenerationConfig(max_new_tokens=4, num_devices=2), 8, 2))
   hlo = fn.lower(*args).compile().as_text()
   assert " while(" in hlo and "__ynn_fusion" not in hlo
