@@ -1,30 +1,47 @@
 """The training loop: data -> jitted train_step -> metrics, eval, checkpoints.
 
 `train_and_evaluate(config, workdir)` runs a whole experiment and resumes
-automatically from the latest checkpoint in `workdir/checkpoints`. Because the
+automatically from the newest intact checkpoint in `workdir/checkpoints`
+(train/checkpoint.py verifies it and falls back past corrupt ones). Because the
 batch of step s and the router-noise key of step s are pure functions of
 (seed, s), a run that is killed and resumed ends with bitwise the same
 parameters as one that ran straight through (on the same backend).
 
+A failed run never damages the workdir: the config is checked against the
+stored one (train/workdir.py) before anything compiles, and `config.json` is
+written only once the restore succeeded. A stop request (train/preemption.py:
+SIGINT/SIGTERM under `preemption.handle_signals()`) ends the run after the
+current step with a checkpoint at that step (`summary["interrupted"]`). A
+non-finite loss or state raises DivergenceError; a non-finite state is never
+saved, so the newest checkpoint stays the last good one. The loss is checked
+at log steps, where the metrics reach the host anyway (no extra sync per
+step), and the whole state right before every save.
+
 Outputs in `workdir`: config.json, metrics.jsonl, tb/ (TensorBoard),
-checkpoints/ (Orbax).
+checkpoints/ (Orbax + checksum manifests).
 """
 
 import functools
+import math
+import signal
 import time
 
 import jax
-import numpy as np
 from absl import logging
 from tqdm import tqdm
 
 from model.routing_losses import load_metrics
 from model.transformer import Decoder
-from train import checkpoint, data, optimizer
+from train import checkpoint, data, optimizer, preemption
 from train import mesh as mesh_lib
+from train import workdir as workdir_lib
 from train import step as step_lib
 from train.config import RunConfig
 from train.metrics import MetricWriter
+
+
+class DivergenceError(RuntimeError):
+  """The loss or the state became NaN/Inf; the run stopped without saving it."""
 
 
 def moe_metrics(stats, losses) -> dict:
@@ -34,7 +51,7 @@ def moe_metrics(stats, losses) -> dict:
   for i in range(stats.dropped.shape[0]):
     for k, v in per_layer.items():
       out[f"moe{i}/{k}"] = v[i]
-    for k in ("switch", "importance", "load", "z"):
+    for k in ("switch", "importance", "load", "z", "seq"):
       out[f"moe{i}/aux_{k}"] = losses[k][i]
   out["dropped_frac"] = stats.dropped.mean()
   out["load_cv"] = per_layer["load_cv"].mean()
@@ -49,23 +66,36 @@ def evaluate(eval_fn, params, ds: data.Dataset, run: RunConfig) -> dict:
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                        progress: bool = True) -> dict:
-  """Trains `config` in `workdir`. Returns a summary (throughput, last eval).
+  """Trains `config` in `workdir`. Returns a summary (throughput, last eval,
+  `interrupted`: the signal name if a stop request ended it early, else None).
 
-  stop_after: stop once this many steps are done (used to simulate a killed
-    run in tests); the run resumes from its last checkpoint next time.
+  stop_after: stop once this many steps are done, without a final save (used
+    to simulate a killed run in tests); the run resumes from its last
+    checkpoint next time.
+  Raises ValueError (invalid config, or an architecture change in a workdir
+  with checkpoints: workdir.WorkdirConfigError), checkpoint.CheckpointError
+  (no intact checkpoint to resume from) or DivergenceError.
   """
   run = RunConfig.from_config(config)
+  notes = workdir_lib.check_config(workdir, run)  # before anything compiles or is written
   mesh = mesh_lib.make_mesh(run.mesh, run.model.num_experts)
   mesh_lib.check_batch_size(run.data.batch_size, mesh)
   with jax.set_mesh(mesh):  # MoE layers traced under it use expert parallelism
-    return _train_and_evaluate(run, mesh, workdir, stop_after, progress)
+    return _train_and_evaluate(run, mesh, workdir, stop_after, progress, notes)
+
+
+def _diverged(what: str, step: int, ckpts: checkpoint.Checkpoints) -> DivergenceError:
+  last = ckpts.latest_step()
+  kept = (f"the newest checkpoint, step {last} in {ckpts.directory}, is the last good state"
+          if last is not None else "no checkpoint was saved")
+  return DivergenceError(
+      f"training diverged: {what} at step {step}; stopped without saving it, and {kept}. "
+      f"Lower optimizer.learning_rate or set optimizer.grad_clip_norm > 0, then resume.")
 
 
 def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | None,
-                        progress: bool) -> dict:
+                        progress: bool, notes: list[str]) -> dict:
   writes_files = jax.process_index() == 0  # one writer for the run's metrics and config
-  if writes_files:
-    checkpoint.write_config(workdir, run.to_dict())
   ds = data.load(run.data.path, run.data.seq_len, run.data.val_percent)
   logging.info("corpus: %d train files (%d tokens), %d val files", ds.num_train_files,
                ds.num_train_tokens, ds.num_val_files)
@@ -75,20 +105,50 @@ def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | No
   # Sharded by train/mesh.py's rules; a restore lands on these shardings (any mesh).
   state, state_shardings = mesh_lib.init_sharded(
       lambda: step_lib.init_state(model, tx, run.train.seed, run.data.seq_len), mesh)
-  mngr = checkpoint.manager(workdir, run.checkpoint.every, run.checkpoint.keep)
-  if mngr.latest_step() is not None:
-    state = checkpoint.restore(mngr, state)
-    logging.info("resumed from step %d", int(state.step))
-  start = int(state.step)
+  ckpts = checkpoint.Checkpoints(workdir, run.checkpoint.every, run.checkpoint.keep)
+  writer = None
+  aborted = False
+  try:
+    if ckpts.latest_step() is not None:
+      state = ckpts.restore(state)
+      logging.info("resumed from step %d", int(state.step))
+    start = int(state.step)
+    if notes:
+      logging.warning("continuing %s with changed settings: %s", workdir, "; ".join(notes))
+    if writes_files:  # only now: the config is checked and the restore succeeded
+      checkpoint.write_config(workdir, run.to_dict())
+    writer = MetricWriter(workdir, enabled=writes_files, resume_step=start)
+    summary = _loop(run, mesh, ds, model, tx, state, state_shardings, ckpts, writer, start,
+                    stop_after, progress)
+  except KeyboardInterrupt:  # a second Ctrl-C: abort without waiting for saves
+    aborted = True
+    raise
+  finally:
+    if not aborted:
+      ckpts.close()
+      if writer is not None:
+        writer.close()
+  summary["checkpoint_step"] = ckpts.latest_step()
+  return summary
 
+
+def _loop(run: RunConfig, mesh, ds, model, tx, state, state_shardings, ckpts, writer, start,
+          stop_after, progress) -> dict:
   train_step = step_lib.jit_train_step(
       model, tx, out_shardings=(state_shardings, mesh_lib.replicated(mesh)))
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
-  writer = MetricWriter(workdir, enabled=writes_files)
   tokens_per_step = run.data.batch_size * run.data.seq_len
   lr_schedule = optimizer.schedule(run.optimizer, run.train.steps)
   last = min(run.train.steps, stop_after) if stop_after is not None else run.train.steps
-  summary = {"start_step": start}
+  summary = {"start_step": start, "interrupted": None}
+  stop = preemption.StopCheck()
+
+  def save(step, force=False):
+    try:
+      ckpts.save(step, state, force=force)
+    except checkpoint.NonFiniteStateError as e:
+      raise _diverged(f"the state became non-finite ({e})", step, ckpts) from None
+
   bar = tqdm(total=last, initial=start, disable=not progress, unit="step")
   t_window, steps_window, compile_s, train_s, timed_steps = time.perf_counter(), 0, None, 0.0, 0
   for step in range(start, last):
@@ -103,8 +163,12 @@ def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | No
     else:
       steps_window += 1
     done = step + 1
-    if done % run.train.log_every == 0 or done == last:
+    at_log = done % run.train.log_every == 0 or done == last
+    if at_log:
       metrics = jax.device_get(metrics)
+      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise _diverged(f"loss {loss}, grad_norm {grad_norm}", done, ckpts)
       dt = time.perf_counter() - t_window
       if steps_window:
         train_s, timed_steps = train_s + dt, timed_steps + steps_window
@@ -117,8 +181,7 @@ def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | No
         scalars.update(moe_metrics(metrics["moe"], metrics["moe_losses"]))
       scalars["learning_rate"] = lr_schedule(step)
       writer.write(done, "train", {**scalars, **rates})
-      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
-                      tok_s=f"{rates.get('tokens_per_s', 0):.0f}")
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rates.get('tokens_per_s', 0):.0f}")
       t_window, steps_window = time.perf_counter(), 0
     if done % run.train.eval_every == 0 or done == run.train.steps:
       ev = evaluate(eval_fn, state.params, ds, run)
@@ -126,12 +189,18 @@ def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | No
       summary["eval"] = ev
       logging.info("step %d eval %s", done, ev)
       t_window, steps_window = time.perf_counter(), 0  # keep eval out of throughput
-    checkpoint.save(mngr, done, state, force=done == run.train.steps)
+    save(done, force=done == run.train.steps)
+    ckpts.poll()  # seals committed steps in the background
     bar.update(1)
+    signum = stop.check(done, at_log)
+    if signum is not None:
+      if ckpts.latest_step() != done:
+        save(done, force=True)
+      summary["interrupted"] = signal.Signals(signum).name
+      logging.warning("%s: stopped after step %d with a checkpoint at it",
+                      summary["interrupted"], done)
+      break
   bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
   summary.update(final_step=int(state.step), compile_s=compile_s,
                  steps_per_s=timed_steps / train_s if train_s else None,
                  tokens_per_s=timed_steps * tokens_per_step / train_s if train_s else None)

@@ -7,7 +7,7 @@ import pytest
 
 from model.transformer import Decoder
 from train import step as step_lib
-from train import trainer
+from train import metrics, trainer
 from train.config import RunConfig
 
 
@@ -29,18 +29,26 @@ def params_of(summary):
   return jax.tree.leaves(jax.device_get(summary["state"].params))
 
 
+def rows_of(workdir):
+  return [(r["step"], r["split"]) for r in metrics.read(str(workdir))]
+
+
 def test_kill_and_resume_is_bitwise_identical(tiny_config, tmp_path):
   straight = trainer.train_and_evaluate(tiny_config, str(tmp_path / "a"), progress=False)
   # "Killed" after step 5: the step-4 checkpoint survives, step 5 is lost.
   killed = trainer.train_and_evaluate(tiny_config, str(tmp_path / "b"), stop_after=5,
                                       progress=False)
   assert killed["final_step"] == 5
+  assert (5, "train") in rows_of(tmp_path / "b")  # logged (its last step), not checkpointed
   resumed = trainer.train_and_evaluate(tiny_config, str(tmp_path / "b"), progress=False)
   assert resumed["start_step"] == 4 and resumed["final_step"] == 6
   for a, b in zip(params_of(straight), params_of(resumed)):
     np.testing.assert_array_equal(a, b)
   # and the last step really changed the parameters
   assert any(np.any(a != b) for a, b in zip(params_of(killed), params_of(resumed)))
+  # The resume dropped the rows after its checkpoint (step 5's): metrics.jsonl
+  # holds each step once, exactly the rows of the straight run.
+  assert rows_of(tmp_path / "b") == rows_of(tmp_path / "a")
 
 
 @pytest.mark.parametrize("section, field, value, match", [
@@ -53,6 +61,9 @@ def test_kill_and_resume_is_bitwise_identical(tiny_config, tmp_path):
     ("data", "batch_size", -2, "data.batch_size"),
     ("data", "seq_len", 4096, "data.seq_len"),
     ("optimizer", "learning_rate", -1.0, "optimizer.learning_rate"),
+    ("optimizer", "learning_rate", float("inf"), r"optimizer.learning_rate: must be finite"),
+    ("optimizer", "learning_rate", float("nan"), r"optimizer.learning_rate: must be finite"),
+    ("optimizer", "grad_clip_norm", float("inf"), r"optimizer.grad_clip_norm: must be finite"),
     ("optimizer", "b2", 1.0, "optimizer.b2"),
     ("optimizer", "warmup_steps", 10, "optimizer.warmup_steps"),
     ("checkpoint", "keep", 0, "checkpoint.keep"),
