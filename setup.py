@@ -20,12 +20,14 @@ setuptools.setup(
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "tokenizers>=0.19",  # data.tokenizer='bpe:N' (train/bpe.py)
     ],
     extras_require={
         # torch is pinned to the CPU build that installs from local disk; a
         # looser range pulls a multi-GB CUDA build.
         "test": [
             "pytest>=8",
+            "hypothesis>=6",  # allocator property tests (tests/model/test_page_pool.py)
             "pytest-xdist>=3.5",
             "scipy>=1.11",
             "torch==2.13.0",

@@ -13,8 +13,16 @@ records the choice.
     moe        auto: on CPU, sparse float32 MoE runs decode steps in the C++ expert
                kernel ('cpu_kernel') when it builds, else the expert loop ('cpu');
                'xla' elsewhere
-    devices    0: the most local devices that divide the rows (on CPU, one per core:
-               decode/data_parallel.py); the kernel gets the cores of its device
+    mla        auto: 'absorbed' (latent cache; the contiguous spec builds the same
+               layout from GenerationConfig.mla_impl), or 'expanded'
+    matmul     auto: on CPU, decode-step weight products in the C++ matrix kernel
+               ('cpu_kernel', kernels/matmul_cpu.py) for bfloat16 weights and for
+               steps of several rows, when it builds; else 'xla'
+    devices    0: with the matmul kernel one device (its threads share every weight
+               read); else the most local devices that divide the rows (on CPU, one
+               per core: decode/data_parallel.py); the kernels get the cores of their
+               device
+    cache      on CPU a bfloat16 model keeps its KV cache in float32; else the model's dtype
     compiler   XLA:CPU: COMPILER_OPTIONS, plus ROW_SPLIT_OPTIONS when the rows are
                split over devices; none elsewhere
 
@@ -32,9 +40,9 @@ import numpy as np
 
 from decode import data_parallel
 from decode.config import GenerationConfig
-from kernels import moe_cpu
+from kernels import matmul_cpu, moe_cpu
 from model.config import ModelConfig
-from model.impl import ModelImpl
+from model.impl import ModelImpl, resolve_mla
 
 # XLA:CPU debug options (decode loops only). Region-analysis copy insertion
 # proves the step's cache read precedes its in-place write and inserts no
@@ -56,19 +64,28 @@ class Backend:
   impl: ModelImpl
   num_devices: int
   compiler_options: tuple = ()   # sorted (name, value) pairs
+  cache_dtype: str | None = None  # KV cache storage; None: the model's dtype
 
   def describe(self) -> str:
     opts = ", ".join(f"{k}={v!r}" for k, v in self.compiler_options) or "none"
     return (f"backend={self.platform} attention={self.impl.attention} moe={self.impl.moe}"
             f"{f' ({self.impl.moe_threads} threads)' if self.impl.moe_threads else ''} "
-            f"devices={self.num_devices} compiler_options: {opts}")
+            f"mla={self.impl.mla} matmul={self.impl.matmul}"
+            f"{f' ({self.impl.matmul_threads} threads)' if self.impl.matmul_threads else ''} "
+            f"devices={self.num_devices}"
+            f"{f' cache={self.cache_dtype}' if self.cache_dtype else ''} compiler_options: {opts}")
 
 
 def resolve(cfg: ModelConfig, gen: GenerationConfig, num_rows: int) -> Backend:
   """The Backend for decoding `num_rows` rows (prompts for beam search) of `cfg`."""
   platform = jax.default_backend()
   on_cpu = platform == "cpu"
-  devices = gen.num_devices or data_parallel.auto_num_devices(num_rows)
+  step_rows = num_rows * (gen.num_beams if gen.strategy == "beam" else 1)
+  matmul = resolve_matmul(cfg, gen.matmul_impl, step_rows)
+  # The matmul kernel shares each weight read among its device's threads: one
+  # device reads the weights once a step, a device per core once per device.
+  devices = gen.num_devices or (1 if matmul == "cpu_kernel"
+                                else data_parallel.auto_num_devices(num_rows))
   if num_rows % devices:
     raise ValueError(f"generation.num_devices: {devices} must divide the {num_rows} rows "
                      "(prompts for beam search)")
@@ -84,9 +101,35 @@ def resolve(cfg: ModelConfig, gen: GenerationConfig, num_rows: int) -> Backend:
     why = moe_cpu.build_error() or f"needs the CPU backend and a float32 sparse MoE ({platform})"
     raise ValueError(f"generation.moe_impl: 'cpu_kernel' is not available: {why}")
   threads = max(1, _cores() // devices) if moe == "cpu_kernel" else 0
+  matmul_threads = max(1, _cores() // devices) if matmul == "cpu_kernel" else 0
   options = cpu_compiler_options(devices) if on_cpu else {}
-  return Backend(platform=platform, impl=ModelImpl(attention, moe, threads),
-                 num_devices=devices, compiler_options=tuple(sorted(options.items())))
+  # XLA:CPU widens a bfloat16 cache to float32 around every write and every
+  # attention product of a step; a float32 cache holds the same values.
+  cache_dtype = "float32" if on_cpu and cfg.dtype == "bfloat16" else None
+  return Backend(platform=platform,
+                 impl=ModelImpl(attention, moe, threads, resolve_mla(gen.mla_impl), matmul,
+                                matmul_threads),
+                 num_devices=devices, compiler_options=tuple(sorted(options.items())),
+                 cache_dtype=cache_dtype)
+
+
+def resolve_matmul(cfg: ModelConfig, choice: str, step_rows: int) -> str:
+  """GenerationConfig.matmul_impl -> ModelImpl.matmul for decode steps of `step_rows` rows.
+
+  'auto' is the C++ kernel on CPU when it builds, for bfloat16 weights (XLA:CPU
+  widens them in a pass of their own) and for float32 steps of several rows
+  (XLA:CPU's 1-row product is as fast); else XLA. 'cpu_kernel' where it cannot
+  run is an error.
+  """
+  ok = (jax.default_backend() == "cpu" and cfg.dtype in ("float32", "bfloat16")
+        and matmul_cpu.available())
+  if choice == "auto":
+    return "cpu_kernel" if ok and (cfg.dtype == "bfloat16" or step_rows > 1) else "xla"
+  if choice == "cpu_kernel" and not ok:
+    why = matmul_cpu.build_error() or (f"needs the CPU backend and float32 or bfloat16 weights "
+                                       f"({jax.default_backend()}, {cfg.dtype})")
+    raise ValueError(f"generation.matmul_impl: 'cpu_kernel' is not available: {why}")
+  return choice
 
 
 def _cores() -> int:

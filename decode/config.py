@@ -26,8 +26,9 @@ from decode.beam_search import EARLY_STOPPING, LENGTH_PENALTIES
 from decode.processors import IDENTITY
 from model.cache import CACHE_KINDS
 from model.config import ModelConfig, from_mapping
-from model.impl import ATTENTION_IMPLS, MOE_IMPLS
+from model.impl import ATTENTION_IMPLS, MATMUL_IMPLS, MLA_IMPLS, MOE_IMPLS
 import model.kv_cache  # noqa: F401  (registers the 'contiguous' cache kind)
+import model.paged_cache  # noqa: F401  (registers the 'paged' cache kind)
 
 STRATEGIES = ("greedy", "sample", "beam")
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p")
@@ -56,10 +57,18 @@ class GenerationConfig:
       fold_in(key_b, j), key_b = key(seed[b]) (a tuple) or fold_in(key(seed), b):
       a row's draws depend on its seed and indices only, never on the other
       prompts of the batch or on the device split.
-    kv_cache: cache kind (model/cache.py registry): 'contiguous'.
+    kv_cache: cache kind (model/cache.py registry): 'contiguous' | 'paged'.
     cache_growth: growing cache windows of the contiguous cache (<= 1: off).
+    page_size: tokens per page of the paged cache (model/paged_cache.py; vLLM's 16).
+    num_pages: pages of the paged cache; each of the num_devices devices gets a pool
+      of num_pages // num_devices for its rows. 0 sizes each pool to the worst case
+      of its rows (every row at its longest, nothing shared).
     attention_impl: 'auto' | 'xla' | 'cpu' (decode/backend.py).
     moe_impl: 'auto' | 'xla' | 'cpu' | 'cpu_kernel' (decode/backend.py).
+    mla_impl: 'auto' (= 'absorbed') | 'absorbed' | 'expanded': MLA decode steps
+      over the latent cache or over per-head K/V (model/mla.py).
+    matmul_impl: 'auto' | 'xla' | 'cpu_kernel': decode-step weight products
+      (model/linear.py; decode/backend.py).
     num_devices: local devices the rows are split over; 0 picks the most
       that divide the rows.
   """
@@ -82,8 +91,12 @@ class GenerationConfig:
   seed: Any = 0
   kv_cache: str = "contiguous"
   cache_growth: float = 2.0
+  page_size: int = 16
+  num_pages: int = 0
   attention_impl: str = "auto"
   moe_impl: str = "auto"
+  mla_impl: str = "auto"
+  matmul_impl: str = "auto"
   num_devices: int = 0
 
   def __post_init__(self):
@@ -112,6 +125,8 @@ class GenerationConfig:
       if isinstance(x, bool) or not isinstance(x, int) or x < 0:
         err("seed", "must be an integer >= 0 or a tuple of them, one per prompt")
     integer("num_devices", 0)
+    integer("page_size", 1)
+    integer("num_pages", 0)
     integer("num_beams", 1)
     integer("num_return_sequences", 1)
     for f in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
@@ -155,6 +170,10 @@ class GenerationConfig:
       err("attention_impl", f"must be one of {('auto',) + ATTENTION_IMPLS}")
     if self.moe_impl not in ("auto",) + MOE_IMPLS:
       err("moe_impl", f"must be one of {('auto',) + MOE_IMPLS}")
+    if self.mla_impl not in ("auto",) + MLA_IMPLS:
+      err("mla_impl", f"must be one of {('auto',) + MLA_IMPLS}")
+    if self.matmul_impl not in ("auto",) + MATMUL_IMPLS:
+      err("matmul_impl", f"must be one of {('auto',) + MATMUL_IMPLS}")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "GenerationConfig":

@@ -114,14 +114,15 @@ def plan_for(cfg: ModelConfig, gen: GenerationConfig, prompt_width: int,
   """The DecodePlan of `gen` for `num_prompts` prompts padded to `prompt_width`."""
   rows = num_prompts * (1 if gen.strategy == "beam" else gen.rows_per_prompt)
   backend = backend_lib.resolve(cfg, gen, rows)
+  cache = CACHE_KINDS[gen.kv_cache].from_config(gen).split(backend.num_devices)
+  cache.check(cfg, rows // backend.num_devices, prompt_width + gen.max_new_tokens)
   return DecodePlan(
       strategy=gen.strategy, max_new_tokens=gen.max_new_tokens,
       cache_len=prompt_width + gen.max_new_tokens, stop_ids=gen.eos_token_id,
       pad_id=gen.pad_token_id, active=active_processors(gen),
       num_beams=gen.num_beams if gen.strategy == "beam" else 1,
       length_penalty_type=gen.length_penalty_type, min_tokens_to_keep=gen.min_tokens_to_keep,
-      cache=CACHE_KINDS[gen.kv_cache].from_config(gen).split(backend.num_devices),
-      backend=backend)
+      cache=cache, backend=backend)
 
 
 @functools.lru_cache(maxsize=64)
@@ -147,7 +148,7 @@ def decode_fn(cfg: ModelConfig, plan: DecodePlan):
     b = prompt_BxP.shape[0]
     step_fn = make_step_fn(cfg, params, backend.impl)
     windows = plan.cache.windows(prompt_BxP.shape[1], plan.cache_len)
-    cache = plan.cache.init(cfg, b, windows[0])
+    cache = plan.cache.init(cfg, b, windows[0], backend.cache_dtype)
     kw = dict(max_new_tokens=plan.max_new_tokens, stop_ids=plan.stop_ids, pad_id=plan.pad_id,
               active=plan.active, windows=windows)
     if strategy == "beam":

@@ -1,6 +1,8 @@
 """Decode throughput: Hugging Face transformers (PyTorch CPU) vs moelab (JAX).
 
   python -m experiments.bench_decode [--new_tokens=256 --beam_tokens=64 --threads=2 --repeats=5]
+  python -m experiments.bench_decode --model=smollm2-135m   # a real model instead of the toy
+                                     # rows: experiments/bench_pretrained.py
 
 Same architecture and identical weights on both sides: a random HF model
 (Llama-like: d_model 256, 4 layers, 8 heads / 2 kv heads, FFN 512, vocab 260;
@@ -11,6 +13,13 @@ exactly the requested number of tokens. Rows:
   greedy b=1 / b=8   256 new tokens per row (HF `generate(do_sample=False)`)
   beam 4             64 new tokens, num_beams=4, batch 1 (tokens/s counts
                      generated tokens of the returned sequence)
+
+`--models=mla` (not in the default list) adds a DeepseekV3 with MLA in every
+block (`MLA_ARCH`: the Llama-like widths, C = 64, R = 16, dense FFNs) for the
+same three rows (moelab decodes absorbed over its latent cache; HF caches
+the latents and expands them to per-head K/V at every step), then `mla_rows`:
+moelab absorbed against moelab expanded (greedy b1 / b8, timed alternately,
+ratio = expanded time / absorbed time, the cache bytes per token of each).
 
 Columns: HF tokens/s, moelab tokens/s (compiled run; compilation timed
 separately; each the median of --repeats runs taken alternately, HF then
@@ -43,6 +52,7 @@ tokens still match. `JAX_PLATFORMS=cpu` gives the CPU comparison above.
 """
 
 import json
+import sys
 import time
 
 from experiments import host_devices
@@ -59,21 +69,26 @@ from absl import app, flags  # noqa: E402
 from decode import data_parallel  # noqa: E402
 from decode.config import GenerationConfig  # noqa: E402
 from decode.generate import decode_fn, pad_prompts, plan_for, row_keys, sampling_params  # noqa: E402
+from model import kv_accounting  # noqa: E402
 from model.hf_interop import config_from_hf, params_from_hf  # noqa: E402
 from model.router import Router  # noqa: E402
 from model.transformer import Decoder  # noqa: E402
+from experiments import bench_pretrained  # noqa: E402  (its flags; the --model rows)
 
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Greedy new tokens per row.")
 _BEAM_NEW = flags.DEFINE_integer("beam_tokens", 64, "Beam-search new tokens.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch threads for HF.")
 _HF_DEVICE = flags.DEFINE_string("hf_device", "cpu", "torch device of the HF model (cpu, cuda).")
-_MODELS = flags.DEFINE_list("models", ["llama", "mixtral"], "Architectures.")
+_MODELS = flags.DEFINE_list("models", ["llama", "mixtral"], "Architectures (llama, mixtral, mla).")
 _NO_CACHE = flags.DEFINE_bool("no_cache", True, "Run the no-cache recompute baseline.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows here.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timed rounds of both sides.")
 _ATTENTION = flags.DEFINE_string("attention_impl", "auto", "moelab attention (decode/backend.py).")
 _MOE = flags.DEFINE_string("moe_impl", "auto", "moelab MoE decode steps (decode/backend.py).")
+_MATMUL = flags.DEFINE_string("matmul_impl", "auto", "moelab weight products (decode/backend.py).")
+_MODEL = flags.DEFINE_string("model", None, "A registered pretrained model (model/pretrained.py) "
+                             "instead of the toy rows, e.g. smollm2-135m.")
 flags.DEFINE_integer("host_devices", _CORES, "JAX CPU devices (read before jax starts).")
 
 ARCH = dict(vocab_size=260, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -82,13 +97,22 @@ ARCH = dict(vocab_size=260, hidden_size=256, intermediate_size=512, num_hidden_l
 
 
 def impl_flags() -> dict:
-  return dict(attention_impl=_ATTENTION.value, moe_impl=_MOE.value)
+  return dict(attention_impl=_ATTENTION.value, moe_impl=_MOE.value, matmul_impl=_MATMUL.value)
+
+
+# DeepseekV3 with MLA in every block and dense FFNs: ARCH's widths, a KV latent of
+# C = 64 (2 d_h) and a RoPE key of R = 16 (d_h / 2), per-head nope and value widths 32.
+MLA_ARCH = dict(ARCH, num_key_value_heads=8, q_lora_rank=None, kv_lora_rank=64,
+                qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=4,
+                n_routed_experts=1, n_group=1, topk_group=1, num_mtp_layers=0)
 
 
 def hf_model(kind: str):
   torch.manual_seed(0)
   if kind == "llama":
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**ARCH)).eval()
+  if kind == "mla":
+    return transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**MLA_ARCH)).eval()
   return transformers.MixtralForCausalLM(transformers.MixtralConfig(
       **ARCH, num_local_experts=8, num_experts_per_tok=2)).eval()
 
@@ -113,13 +137,14 @@ def hf_runner(hf, prompt_BxP, new: int, beams: int):
   return run
 
 
-def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int):
+def moelab_runner(cfg, params, prompt_BxP, new: int, beams: int, mla_impl: str = "auto"):
   """Compiles (timed) and warms up.
 
   Returns (compile_s, the Backend (decode/backend.py), run() -> (seconds, tokens)).
   """
   gen = GenerationConfig(strategy="beam" if beams > 1 else "greedy", max_new_tokens=new,
-                         num_beams=beams, early_stopping=True, **impl_flags())
+                         num_beams=beams, early_stopping=True, mla_impl=mla_impl,
+                         **impl_flags())
   prompt, lens = pad_prompts(prompt_BxP.tolist(), 0)
   plan = plan_for(cfg, gen, prompt.shape[1], prompt.shape[0])
   devices = plan.backend.num_devices
@@ -200,7 +225,7 @@ def stream_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
   return w_NxK.nbytes / best / 1e9
 
 
-def decode_bytes(cfg, params, prompt_BxP, tokens_BxN) -> float:
+def decode_bytes(cfg, params, prompt_BxP, tokens_BxN, mla_impl: str = "absorbed") -> float:
   """Bytes a greedy decode of `tokens_BxN` must read at least, all steps summed.
 
   Every step (prefill included) reads every non-expert weight once (the token
@@ -223,8 +248,7 @@ def decode_bytes(cfg, params, prompt_BxP, tokens_BxN) -> float:
   dense = sum(x.nbytes for path, x in flat if not is_expert(path))
   if not cfg.tie_embeddings:
     dense -= params["embed"].nbytes
-  kv_per_pos = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.dim_per_head
-                * jnp.dtype(cfg.dtype).itemsize)
+  kv_per_pos = kv_accounting.kv_per_token(cfg, mla_impl=mla_impl)[1]  # all layers
   total = n * dense + kv_per_pos * b * sum(p + i for i in range(1, n))
   if cfg.num_moe_layers:
     expert_bytes = sum(x.nbytes for path, x in flat if is_expert(path)) // (
@@ -246,10 +270,50 @@ def decode_bytes(cfg, params, prompt_BxP, tokens_BxN) -> float:
   return float(total)
 
 
+def mla_rows(cfg, params, rng, stream: float) -> list[dict]:
+  """MLA decode with the latent cache ('absorbed') against per-head K/V
+  ('expanded'), greedy b1 and b8, timed alternately. ratio = expanded time /
+  absorbed time (> 1: absorbed faster); KV B/tok from model/kv_accounting.py."""
+  print(f"{'model':8} {'case':10} {'expanded tok/s':>14} {'absorbed tok/s':>14} {'ratio':>6} "
+        f"{'range':>9} {'KV B/tok exp':>12} {'KV B/tok abs':>12} {'GB/s exp':>8} "
+        f"{'GB/s abs':>8} {'same':>5}")
+  rows = []
+  for b in (1, 8):
+    prompt = rng.integers(3, ARCH["vocab_size"], (b, _PROMPT.value)).astype(np.int32)
+    runs = {m: moelab_runner(cfg, params, prompt, _NEW.value, 1, mla_impl=m)
+            for m in ("expanded", "absorbed")}
+    res = interleaved({m: r[2] for m, r in runs.items()}, _REPEATS.value)
+    (e_ts, e_tok), (a_ts, a_tok) = res["expanded"], res["absorbed"]
+    ratio, lo, hi = paired_ratio(e_ts, a_ts)
+    kv = {m: kv_accounting.kv_per_token(cfg, mla_impl=m)[1] for m in runs}
+    gb_s = {m: decode_bytes(cfg, params, prompt, a_tok, m) / float(np.median(ts)) / 1e9
+            for m, ts in (("expanded", e_ts), ("absorbed", a_ts))}
+    row = dict(model="mla", case=f"abs/exp b{b}", expanded_tok_s=b * _NEW.value / np.median(e_ts),
+               absorbed_tok_s=b * _NEW.value / np.median(a_ts), ratio=ratio,
+               ratio_range=(lo, hi), kv_bytes_per_token=kv, gb_s=gb_s, stream_gb_s=stream,
+               compile_s={m: r[0] for m, r in runs.items()}, repeats=_REPEATS.value,
+               same=bool((e_tok == a_tok).all()), backend=jax.default_backend())
+    rows.append(row)
+    print(f"{'mla':8} {row['case']:10} {row['expanded_tok_s']:14.0f} "
+          f"{row['absorbed_tok_s']:14.0f} {ratio:6.2f} {f'{lo:.2f}-{hi:.2f}':>9} "
+          f"{kv['expanded']:12d} {kv['absorbed']:12d} {gb_s['expanded']:8.1f} "
+          f"{gb_s['absorbed']:8.1f} {str(row['same']):>5}", flush=True)
+  return rows
+
+
 def main(argv):
   del argv
   torch.set_num_threads(_THREADS.value)
   rows = []
+  if _MODEL.value:
+    new = _NEW.value if _NEW.present else bench_pretrained.DEFAULT_NEW
+    repeats = _REPEATS.value if _REPEATS.present else bench_pretrained.DEFAULT_REPEATS
+    rows = bench_pretrained.real_model_rows(sys.modules[__name__], _MODEL.value, new,
+                                            _PROMPT.value, repeats)
+    if _JSON.value:
+      with open(_JSON.value, "w") as f:
+        json.dump(rows, f, indent=1)
+    return
   header = (f"{'model':8} {'case':10} {'HF tok/s':>9} {'moelab tok/s':>12} {'dev':>3} "
             f"{'ratio':>6} {'range':>9} {'no-cache tok/s':>14} {'compile s':>9} {'same':>5} "
             f"{'MB/step':>8} {'GB/s':>5} {'bound tok/s':>11}")
@@ -299,6 +363,8 @@ def main(argv):
       if backend.describe() != last_backend:
         last_backend = backend.describe()
         print(f"# {last_backend}", flush=True)
+    if kind == "mla":
+      rows += mla_rows(cfg, params, rng, stream)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=1)

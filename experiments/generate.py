@@ -6,12 +6,15 @@
   python -m experiments.generate --workdir=RUN --prompt='def ' --strategy=beam \
       --num_beams=4 --length_penalty=0.6 --num_return_sequences=2
   python -m experiments.generate --hf_model=DIR --prompt_ids=1,2,3 --output=out.jsonl
+  python -m experiments.generate --hf_model=DIR --prompts_file=in.jsonl --output=out.jsonl \
+      --max_batch=32        # continuous batching over a paged cache (experiments/serve_file.py)
   python -m experiments.generate --model=smollm2-135m --chat --prompt='What is MoE?' \
       --dtype=bfloat16 --max_new_tokens=96
 
 `--workdir` restores the latest checkpoint (train/checkpoint.restore_params)
 and uses the byte tokenizer of train/tokenizer.py (prompt = BOS + UTF-8
-bytes, stop at EOS). `--hf_model` loads config.json + *.safetensors through
+bytes, stop at EOS), or the run's BPE if it has a `tokenizer.json`
+(train/bpe.py). `--hf_model` loads config.json + *.safetensors through
 model/hf_interop.py; the directory's own tokenizer is used when it has one,
 otherwise the byte tokenizer (ids 0-255 = bytes), with BOS/EOS/PAD ids from
 config.json. `--gguf=FILE` and `--model=NAME` (a GGUF shipped by a pip
@@ -63,8 +66,16 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write completions to this JSONL f
 _GROWTH = flags.DEFINE_float("cache_growth", 2.0, "Growing KV-cache windows: growth factor "
                              "(decode/cache_windows.py); <= 1 attends over the whole cache.")
 _KV_CACHE = flags.DEFINE_string("kv_cache", "contiguous", "KV cache kind (model/cache.py).")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per page (--kv_cache=paged, engine).")
+_NUM_PAGES = flags.DEFINE_integer("num_pages", 0, "Pages of the paged cache, split evenly over "
+                                  "the devices (0: the worst case of the request).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL of requests for the "
+                                    "continuous-batching engine (experiments/serve_file.py).")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Engine slots (--prompts_file).")
 _ATTENTION = flags.DEFINE_string("attention_impl", "auto", "auto | xla | cpu (decode/backend.py).")
 _MOE = flags.DEFINE_string("moe_impl", "auto", "auto | xla | cpu | cpu_kernel (decode/backend.py).")
+_MATMUL = flags.DEFINE_string("matmul_impl", "auto", "auto | xla | cpu_kernel: decode-step weight "
+                              "products (decode/backend.py).")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices the rows are split over (0: auto).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the resolved backend choices.")
 _GGUF = flags.DEFINE_string("gguf", None, "A llama-architecture GGUF file (model/gguf_interop.py).")
@@ -104,7 +115,9 @@ def generation_config(eos_id, pad_id) -> GenerationConfig:
       length_penalty=_LP.value, length_penalty_type=_LP_TYPE.value,
       early_stopping={"true": True, "false": False, "never": "never"}[_EARLY.value],
       seed=_SEED.value, cache_growth=_GROWTH.value, kv_cache=_KV_CACHE.value,
-      attention_impl=_ATTENTION.value, moe_impl=_MOE.value, num_devices=_NUM_DEVICES.value)
+      page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,
+      attention_impl=_ATTENTION.value, moe_impl=_MOE.value, matmul_impl=_MATMUL.value,
+      num_devices=_NUM_DEVICES.value)
   try:
     return GenerationConfig(**fields)
   except ValueError as e:
@@ -159,10 +172,27 @@ class HFTokenizer:
 
 
 def load_workdir(workdir: str):
-  """(cfg, params, tokenizer) of a moelab run."""
-  from train import checkpoint, tokenizer
+  """(cfg, params, tokenizer) of a moelab run: its byte-level BPE when the
+  workdir has a `tokenizer.json` (data.tokenizer='bpe:N', train/bpe.py), else bytes."""
+  from train import bpe, checkpoint, tokenizer
   cfg, params = checkpoint.restore_params(workdir)
+  if os.path.exists(os.path.join(workdir, bpe.FILENAME)):
+    return cfg, params, BPEPromptTokenizer(bpe.load(os.path.join(workdir, bpe.FILENAME)))
   return cfg, params, ByteTokenizer(tokenizer.BOS, tokenizer.EOS, tokenizer.PAD)
+
+
+class BPEPromptTokenizer(ByteTokenizer):
+  """A run's BPE: prompt = BOS + its ids; the same BOS/EOS/PAD ids as bytes."""
+
+  def __init__(self, tok):
+    super().__init__(tok.bos, tok.eos, tok.pad)
+    self.tok = tok
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok.encode(text.encode("utf-8", "surrogateescape"), bos=True)
+
+  def decode(self, ids) -> str:
+    return self.tok.decode(ids)
 
 
 def load_hf_dir(path: str):
@@ -237,6 +267,28 @@ def write_jsonl(path: str, records: list[dict]) -> None:
   os.replace(tmp, path)
 
 
+def serve_prompts_file(cfg, params, tok, gen) -> None:
+  """--prompts_file: every request through the engine, results in input order."""
+  from experiments import serve_file
+  if _PROMPT.value or _PROMPT_IDS.value:
+    raise app.UsageError("--prompts_file: give the prompts in the file, not --prompt/--prompt_ids")
+  try:
+    requests = serve_file.read_requests(_PROMPTS_FILE.value, tok, gen)
+    records, stats = serve_file.serve(
+        cfg, params, tok, requests, max_batch=_MAX_BATCH.value, page_size=gen.page_size,
+        num_pages=gen.num_pages, attention_impl=gen.attention_impl, moe_impl=gen.moe_impl)
+  except (OSError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
+  print(f"# {len(records)} requests, {stats.generated} tokens in {stats.seconds:.1f} s "
+        f"({stats.generated / max(stats.seconds, 1e-9):.0f} tok/s), KV utilisation "
+        f"{100 * stats.utilisation:.1f}%, peak {stats.peak_pages} pages")
+  if _OUTPUT.value:
+    write_jsonl(_OUTPUT.value, records)
+  else:
+    for rec in records:
+      print(json.dumps(rec))
+
+
 def main(argv):
   del argv
   compilation_cache.enable()
@@ -244,6 +296,8 @@ def main(argv):
   from decode.generate import generate
   cfg, params, tok = load_model(_DTYPE.value)
   gen = generation_config(tok.eos, tok.pad)
+  if _PROMPTS_FILE.value:
+    return serve_prompts_file(cfg, params, tok, gen)
   prompts = read_prompts(tok)
   try:
     check_request(cfg, gen, prompts)
@@ -253,6 +307,8 @@ def main(argv):
   out = generate(cfg, params, prompts, gen)
   if _VERBOSE.value:
     print(f"# {out.backend.describe()}")
+    from model import kv_accounting
+    print(f"# {kv_accounting.describe(cfg, mla_impl=out.backend.impl.mla)}")
   records = []
   per_prompt = {}
   for r, seq in enumerate(out.sequences()):

@@ -11,94 +11,32 @@ a decode step, bound by reading expert weights, is what this speeds up.
 `moe_ffn_reference` is the same computation in plain XLA, the one the
 kernel is tested against.
 
-The C++ source is compiled on first use with the system C++ compiler
-(`$CXX`, else `c++`) against jaxlib's FFI headers into
-`$MOELAB_KERNEL_CACHE` (default `~/.cache/moelab`), keyed by a hash of
-the source, the compiler and flags, the jaxlib version and the CPU's
-feature flags (it is built with -march=native). `available()` says whether
-that worked (`build_error()` why not); callers fall back to XLA when it
-did not.
+The C++ source is compiled on first use and cached (kernels/cpu_build.py).
+`available()` says whether that worked (`build_error()` why not); callers
+fall back to XLA when it did not.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
-
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
+# cache_dir and cpu_flags are also used by kernels/paged_attention_cpu.py.
+from kernels.cpu_build import CppKernel, cache_dir as _cache_dir, cpu_flags as _cpu_flags  # noqa: F401
+
 TARGET = "moelab_moe_ffn"
-_SOURCE = pathlib.Path(__file__).with_name("moe_cpu.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-
-
-def _cache_dir() -> pathlib.Path:
-  default = pathlib.Path.home() / ".cache" / "moelab"
-  return pathlib.Path(os.environ.get("MOELAB_KERNEL_CACHE", default))
-
-
-def _cpu_flags() -> bytes:
-  """This CPU's feature flags (-march=native builds are only valid on such a CPU)."""
-  try:
-    with open("/proc/cpuinfo", "rb") as f:
-      return next((line for line in f if line.startswith(b"flags")), b"")
-  except OSError:
-    return platform.processor().encode()
-
-
-_BUILD_ERROR = ""  # why the last build failed, for error messages
-
-
-@functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL | None:
-  """Builds (once per source, flags, jaxlib and CPU) and loads the kernel;
-  None if there is no compiler or the build fails (`_BUILD_ERROR` says why)."""
-  global _BUILD_ERROR
-  cxx = shutil.which(os.environ.get("CXX", "c++"))
-  if cxx is None:
-    _BUILD_ERROR = "no C++ compiler ($CXX or c++ on PATH)"
-    return None
-  key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + cxx.encode()
-                       + jaxlib.__version__.encode() + _cpu_flags()).hexdigest()[:16]
-  lib = _cache_dir() / f"moe_cpu_{key}.so"
-  try:
-    if not lib.exists():
-      lib.parent.mkdir(parents=True, exist_ok=True)
-      with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # atomic: parallel builds race
-        out = pathlib.Path(tmp) / lib.name
-        cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0:
-          _BUILD_ERROR = f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}"
-          return None
-        os.replace(out, lib)
-  except OSError as e:
-    _BUILD_ERROR = f"cannot write {lib} ({e}); set MOELAB_KERNEL_CACHE"
-    return None
-  so = ctypes.CDLL(str(lib))
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(so.MoeFfn), platform="cpu")
-  return so
+_KERNEL = CppKernel("moe_cpu.cc", {TARGET: "MoeFfn"})
 
 
 def build_error() -> str:
-  """Why the kernel is not available ('' if it is or was not tried)."""
-  _library()
-  return _BUILD_ERROR
+  """Why the kernel is not available ('' if it is)."""
+  return _KERNEL.build_error()
 
 
 def available() -> bool:
   """Whether `moe_ffn` can run: a CPU backend and a built kernel."""
-  return jax.default_backend() == "cpu" and _library() is not None
+  return _KERNEL.available()
 
 
 def moe_ffn(x_NxD, expert_NxA, gate_NxA, w_in_XxDx2F, w_out_XxFxD, threads: int = 1):

@@ -26,6 +26,7 @@ from einops import rearrange
 from model.config import ModelConfig
 from model.ffn import fan_in_init
 from model.impl import ModelImpl
+from model.linear import project
 from model.rope import apply_rope
 
 
@@ -165,7 +166,8 @@ class Attention(nn.Module):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     h, kv = cfg.num_heads, cfg.num_kv_heads
-    qkv_BxLx_H_2K_xE = jnp.einsum("bld,dne->blne", x_BxLxD.astype(dt), self.w_qkv.astype(dt))
+    qkv_BxLx_H_2K_xE = project(x_BxLxD, rearrange(self.w_qkv, "d n e -> d (n e)"), self.impl,
+                               dt).reshape(*x_BxLxD.shape[:2], h + 2 * kv, -1)
     # One rotation for q and k together (shared cos/sin, fewer ops per step).
     qk_BxLx_H_K_xE = apply_rope(qkv_BxLx_H_2K_xE[:, :, : h + kv], positions_BxL, cfg.rope_theta)
     return qk_BxLx_H_K_xE[:, :, :h], qk_BxLx_H_K_xE[:, :, h:], qkv_BxLx_H_2K_xE[:, :, h + kv:]
@@ -175,8 +177,8 @@ class Attention(nn.Module):
     dt = jnp.dtype(self.cfg.dtype)
     # One (H*E) contraction: with two contracting axes XLA may pick the (E, H)
     # order and transpose all of w_o on every decode step.
-    return jnp.einsum("blc,cd->bld", rearrange(o_BxLxHxE, "b l h e -> b l (h e)"),
-                      rearrange(self.w_o.astype(dt), "h e d -> (h e) d"))
+    return project(rearrange(o_BxLxHxE, "b l h e -> b l (h e)"),
+                   rearrange(self.w_o, "h e d -> (h e) d"), self.impl, dt)
 
   def __call__(self, x_BxLxD, positions_BxL, cache: Optional[Any] = None, layer: int = 0,
                fresh: bool = False):

@@ -26,6 +26,8 @@ Cache (a pytree carried by the loops):
     cache = cache.repeat(n)        # row r -> rows r*n .. r*n+n-1 (a prompt's beams/samples)
     cache = cache.reorder(rows_B)  # row b <- row rows_B[b] (beam search parents)
     cache = cache.grow(max_len)    # room for max_len positions per row (growing windows)
+    cache = cache.release(rows_B)  # rows_B (bool [B]) are finished: a paged cache returns
+                                   # their pages (model/paged_cache.py); a no-op elsewhere
     cache.max_len                  # positions per row it can hold now
 
 `impl` names the attention implementation (model/impl.py) chosen by
@@ -36,6 +38,9 @@ CacheSpec (static and hashable: part of what a decode loop compiles for):
 
     spec = CACHE_KINDS[gen.kv_cache].from_config(gen)   # GenerationConfig fields
     cache = spec.init(cfg, rows, max_len, dtype)        # empty
+    spec.check(cfg, rows, max_len)      # ValueError naming the field when `init(cfg, rows,
+                                        # max_len)` could run out of room (decode/generate.py
+                                        # calls it before tracing)
     spec.windows(prompt_width, total)   # cache sizes of the loop's phases (decode/cache_windows.py)
     spec.split(num_devices)             # the spec each device uses when the rows are split
                                         # over devices (decode/data_parallel.py): each device
@@ -43,6 +48,25 @@ CacheSpec (static and hashable: part of what a decode loop compiles for):
 
 A new kind registers its spec with `@register("name")`; `GenerationConfig`
 accepts every registered name as `kv_cache`.
+
+The latent variant (multi-head latent attention, model/mla.py; DeepSeek-V2
+arXiv 2405.04434 sec. 2.1.2). An MLA model decoding with impl.mla='absorbed'
+caches, per token and block, only w_BxLxW = [c_kv ; k_rope] (W = C + R:
+the normalised KV latent and the rotated RoPE key every head shares), and
+calls instead of attend/update:
+
+    o_BxLxHxC = cache.attend_latent(i, q_latent_BxLxHxC, q_rope_BxLxHxR, w_BxLxW,
+                                    positions_BxL, scale, impl)
+    cache = cache.update_latent(i, w_BxLxW, positions_BxL)
+
+with the step semantics above: softmax over the cached positions < the
+step's first and, causally, the step's own L entries of
+scale * (q_latent . c_kv + q_rope . k_rope), and o the softmax-weighted sum of
+c_kv (still in latent space; the model applies W_UV). `scale` is the model's
+(1 / sqrt(nope + R)). reserve/repeat/reorder/grow/max_len are unchanged; a
+kind's spec builds this layout when `cfg.attention == 'mla'` (the contiguous
+kind does: model/latent_cache.py), and with impl.mla='expanded' a K/V cache
+of per-head keys [B, T, H, nope + R] and values [B, T, H, v].
 """
 
 from __future__ import annotations
@@ -79,6 +103,17 @@ class Cache(Protocol):
 
   def grow(self, max_len: int) -> "Cache": ...
 
+  def release(self, rows_B) -> "Cache": ...
+
+
+class MLACache(Cache, Protocol):
+  """A cache of MLA latents (e.g. model/latent_cache.py); see the module docstring."""
+
+  def attend_latent(self, layer: int, q_latent_BxLxHxC, q_rope_BxLxHxR, w_BxLxW,
+                    positions_BxL, scale: float, impl: str) -> Any: ...
+
+  def update_latent(self, layer: int, w_BxLxW, positions_BxL) -> "MLACache": ...
+
 
 class CacheSpec(Protocol):
   """How to build caches of one kind; see the module docstring."""
@@ -87,6 +122,8 @@ class CacheSpec(Protocol):
   def from_config(cls, gen) -> "CacheSpec": ...
 
   def init(self, cfg, rows: int, max_len: int, dtype=None) -> Cache: ...
+
+  def check(self, cfg, rows: int, max_len: int) -> None: ...
 
   def windows(self, prompt_width: int, total: int) -> tuple[int, ...]: ...
 

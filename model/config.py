@@ -20,11 +20,12 @@ import typing
 from typing import Any, Mapping
 
 # Enumerations (string valued so they round-trip through config files/flags).
-ATTENTION_TYPES = ("mha",)  # MHA/GQA/MQA through num_kv_heads.
+ATTENTION_TYPES = ("mha", "mla")  # MHA/GQA/MQA through num_kv_heads | multi-head latent.
 MOE_MODES = ("sparse", "dense")  # top-k routing | all experts, softmax-weighted.
 MOE_DISPATCHES = ("capacity", "dropless")  # one-hot einsum with capacity | sort + ragged_dot.
 MOE_EP_EXCHANGES = ("auto", "ragged", "padded")  # dropless expert-parallel all-to-all.
-MOE_GATES = ("softmax_topk", "topk_softmax")  # Switch | Shazeer-2017 / Mixtral.
+# Switch | Shazeer-2017 / Mixtral | DeepSeek-V3 (model/router.py).
+MOE_GATES = ("softmax_topk", "topk_softmax", "sigmoid")
 ROUTER_NOISES = ("none", "shazeer", "jitter")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -75,6 +76,34 @@ class ModelConfig:
     aux_importance_coef: w_importance of Shazeer's importance CV^2 loss.
     aux_load_coef: w_load of Shazeer's load CV^2 loss.
     aux_z_coef: c_z of the ST-MoE router z-loss.
+
+  Multi-head latent attention (attention='mla'; DeepSeek-V2 arXiv 2405.04434
+  sec. 2.1, model/mla.py). num_kv_heads and head_dim's RoPE check do not
+  apply: every head reads one shared latent.
+    q_lora_rank: Q, rank of the query compression c_q = RMSNorm(h W_DQ);
+      0 is a full-rank W_Q.
+    kv_lora_rank: C = d_c, rank of the KV latent c_kv = RMSNorm(h W_DKV).
+    rope_head_dim: R = d_r, width of the decoupled RoPE key (shared by all
+      heads) and of each head's RoPE query part; even.
+    nope_head_dim: per-head query/key width without RoPE (0 means head_dim).
+    v_head_dim: per-head value width (0 means head_dim).
+    rope_interleave: RoPE on interleaved pairs (x0, x1), (x2, x3), ... of the
+      R dims (HF DeepSeek-V3's default) instead of rotate-half; MLA only.
+
+  DeepSeek-V3 MoE (arXiv 2412.19437 sec. 2.1.2, model/router.py, model/moe.py):
+    moe_num_shared_experts: N_s, always-on experts added to the routed output
+      (eq. 12), run as one SwiGLU of width moe_shared_ffn_dim.
+    moe_shared_ffn_dim: that width (0 means moe_num_shared_experts * moe_ffn_dim).
+    first_k_dense_replace: the first k blocks use the dense FFN (beside moe_every).
+    norm_topk_prob: sigmoid gates: divide the selected s_i by their sum (eq. 13).
+    routed_scaling_factor: multiplies every routed gate (HF DeepSeek-V3).
+    n_group, topk_group: group-limited routing: experts in n_group groups,
+      only the topk_group groups with the largest sum of their top-2 s_i + b_i
+      are eligible (sigmoid gates; 1, 1 is off).
+    router_bias_update_rate: gamma of auxiliary-loss-free balancing (eq. 16;
+      Wang et al. 2024 arXiv 2408.15664): after every step b_i += gamma *
+      sign(mean load - load_i). The bias b_i exists with sigmoid gates.
+    aux_seq_coef: alpha of the complementary sequence-wise balance loss (eq. 17-20).
   """
 
   vocab_size: int = 259
@@ -109,6 +138,23 @@ class ModelConfig:
   aux_importance_coef: float = 0.0
   aux_load_coef: float = 0.0
   aux_z_coef: float = 1e-3
+  # Multi-head latent attention (attention='mla').
+  q_lora_rank: int = 0
+  kv_lora_rank: int = 0
+  rope_head_dim: int = 0
+  nope_head_dim: int = 0
+  v_head_dim: int = 0
+  rope_interleave: bool = True
+  # DeepSeek-V3 MoE.
+  moe_num_shared_experts: int = 0
+  moe_shared_ffn_dim: int = 0
+  first_k_dense_replace: int = 0
+  norm_topk_prob: bool = True
+  routed_scaling_factor: float = 1.0
+  n_group: int = 1
+  topk_group: int = 1
+  router_bias_update_rate: float = 0.0
+  aux_seq_coef: float = 0.0
 
   # ---------------------------------------------------------------- derived
   @property
@@ -119,9 +165,28 @@ class ModelConfig:
   def expert_ffn_dim(self) -> int:
     return self.moe_ffn_dim or self.ffn_dim
 
+  @property
+  def mla_nope_dim(self) -> int:
+    return self.nope_head_dim or self.dim_per_head
+
+  @property
+  def mla_v_dim(self) -> int:
+    return self.v_head_dim or self.dim_per_head
+
+  @property
+  def shared_ffn_dim(self) -> int:
+    return self.moe_shared_ffn_dim or self.moe_num_shared_experts * self.expert_ffn_dim
+
+  @property
+  def has_router_bias(self) -> bool:
+    """MoE routers hold the selection bias b_i (sigmoid gates, DeepSeek-V3 eq. 16)."""
+    return self.num_experts > 0 and self.moe_gate == "sigmoid"
+
   def is_moe_layer(self, layer: int) -> bool:
-    """Block `layer` (0-based) uses the MoE FFN: every `moe_every`-th block."""
-    return self.num_experts > 0 and (layer + 1) % self.moe_every == 0
+    """Block `layer` (0-based) uses the MoE FFN: every `moe_every`-th block
+    from block `first_k_dense_replace` on."""
+    return (self.num_experts > 0 and layer >= self.first_k_dense_replace
+            and (layer + 1) % self.moe_every == 0)
 
   @property
   def num_moe_layers(self) -> int:
@@ -143,13 +208,35 @@ class ModelConfig:
     for f in ("head_dim", "num_experts", "moe_ffn_dim"):
       if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
         err(f, "must be a non-negative integer")
-    if self.num_heads % self.num_kv_heads:
-      err("num_kv_heads", f"must divide num_heads={self.num_heads}")
-    if not self.head_dim and self.d_model % self.num_heads:
-      err("num_heads", f"must divide d_model={self.d_model} when head_dim=0")
-    if self.dim_per_head % 2:
-      err("head_dim", "RoPE needs an even per-head dimension")
     enum("attention", ATTENTION_TYPES)
+    mla = self.attention == "mla"
+    for f in ("q_lora_rank", "kv_lora_rank", "rope_head_dim", "nope_head_dim", "v_head_dim",
+              "moe_num_shared_experts", "moe_shared_ffn_dim", "first_k_dense_replace"):
+      if isinstance(getattr(self, f), bool) or not isinstance(getattr(self, f), int) \
+          or getattr(self, f) < 0:
+        err(f, "must be a non-negative integer")
+    for f in ("n_group", "topk_group"):
+      if isinstance(getattr(self, f), bool) or not isinstance(getattr(self, f), int) \
+          or getattr(self, f) <= 0:
+        err(f, "must be a positive integer")
+    if not mla and self.num_heads % self.num_kv_heads:
+      err("num_kv_heads", f"must divide num_heads={self.num_heads}")
+    if (not self.head_dim and self.d_model % self.num_heads
+        and not (mla and self.nope_head_dim and self.v_head_dim)):
+      err("num_heads", f"must divide d_model={self.d_model} when head_dim=0")
+    if not mla and self.dim_per_head % 2:
+      err("head_dim", "RoPE needs an even per-head dimension")
+    if self.rope_head_dim % 2:
+      err("rope_head_dim", "RoPE needs an even width")
+    if mla:
+      for f in ("kv_lora_rank", "rope_head_dim"):
+        if getattr(self, f) <= 0:
+          err(f, "must be > 0 with attention='mla'")
+    else:
+      for f in ("q_lora_rank", "kv_lora_rank", "rope_head_dim", "nope_head_dim", "v_head_dim"):
+        if getattr(self, f):
+          err(f, f"is a multi-head latent attention width: only with attention='mla' "
+              f"(attention={self.attention!r})")
     enum("dtype", DTYPES)
     enum("moe_mode", MOE_MODES)
     enum("moe_dispatch", MOE_DISPATCHES)
@@ -162,6 +249,10 @@ class ModelConfig:
       err("num_experts", "use 0 (dense FFN) or at least 2 experts")
     if self.num_experts and self.moe_every > self.num_layers:
       err("moe_every", f"leaves no MoE layer among num_layers={self.num_layers}")
+    if self.num_experts and not self.num_moe_layers:
+      err("first_k_dense_replace", f"leaves no MoE layer among num_layers={self.num_layers} "
+          f"with moe_every={self.moe_every}")
+    self._check_deepseek_moe(err)
     for f in (f.name for f in dataclasses.fields(self)):
       if isinstance(getattr(self, f), float) and not math.isfinite(getattr(self, f)):
         err(f, "must be finite")
@@ -181,6 +272,42 @@ class ModelConfig:
     if (self.router_noise == "jitter" and self.router_jitter_eps == 0
         and self.router_noise_std == 0):
       err("router_noise", "'jitter' needs router_jitter_eps or router_noise_std > 0")
+
+  def _check_deepseek_moe(self, err):
+    """Shared experts, sigmoid gates, bias balancing and group-limited routing."""
+    if self.moe_num_shared_experts and not self.num_experts:
+      err("moe_num_shared_experts", "shared experts need an MoE (num_experts > 0)")
+    if self.moe_shared_ffn_dim and not self.moe_num_shared_experts:
+      err("moe_shared_ffn_dim", "is the width of the shared experts: set "
+          "moe_num_shared_experts > 0")
+    for f in ("router_bias_update_rate", "aux_seq_coef"):
+      if not getattr(self, f) >= 0:
+        err(f, "must be non-negative")
+    if not self.routed_scaling_factor > 0:
+      err("routed_scaling_factor", "must be > 0")
+    sigmoid = self.moe_gate == "sigmoid"
+    if sigmoid and self.moe_mode != "sparse":
+      err("moe_gate", "'sigmoid' gates select top-k experts: needs moe_mode='sparse'")
+    if sigmoid and self.router_noise == "shazeer":
+      err("router_noise", "'shazeer' noisy gating is a softmax gate; not with "
+          "moe_gate='sigmoid'")
+    if self.router_bias_update_rate > 0 and not (sigmoid and self.num_experts):
+      err("router_bias_update_rate", "the selection bias b_i exists with "
+          "moe_gate='sigmoid' and num_experts > 0")
+    if self.topk_group > self.n_group:
+      err("topk_group", f"cannot exceed n_group={self.n_group}")
+    if self.n_group > 1:
+      if not sigmoid:
+        err("n_group", "group-limited routing scores groups by sigmoid gates: needs "
+            "moe_gate='sigmoid'")
+      if self.num_experts % self.n_group:
+        err("n_group", f"must divide num_experts={self.num_experts}")
+      if self.num_experts // self.n_group < 2:
+        err("n_group", f"a group is scored by its top-2 experts: needs at least 2 experts "
+            f"per group (num_experts={self.num_experts})")
+      if self.topk_group * (self.num_experts // self.n_group) < self.moe_top_k:
+        err("topk_group", f"the kept groups hold fewer experts than moe_top_k="
+            f"{self.moe_top_k}")
 
   # ---------------------------------------------------------- construction
   @classmethod

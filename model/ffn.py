@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.impl import ModelImpl
+from model.linear import project
 
 
 def fan_in_init(scale: float = 1.0, batch_axis=()):
@@ -27,15 +29,18 @@ def swiglu(h_x2F):
 
 
 class SwiGLU(nn.Module):
-  """x_BxLxD -> y_BxLxD. Params: w_in (D, 2F), w_out (F, D)."""
+  """x_BxLxD -> y_BxLxD. Params: w_in (D, 2F), w_out (F, D); F = width or cfg.ffn_dim."""
 
   cfg: ModelConfig
+  width: int = 0
+  impl: ModelImpl = ModelImpl()
 
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    w_in = self.param("w_in", fan_in_init(), (cfg.d_model, 2 * cfg.ffn_dim), jnp.float32)
-    w_out = self.param("w_out", fan_in_init(), (cfg.ffn_dim, cfg.d_model), jnp.float32)
-    h_BxLx2F = jnp.einsum("bld,df->blf", x_BxLxD.astype(dt), w_in.astype(dt))
-    return jnp.einsum("blf,fd->bld", swiglu(h_BxLx2F), w_out.astype(dt))
+    f = self.width or cfg.ffn_dim
+    w_in = self.param("w_in", fan_in_init(), (cfg.d_model, 2 * f), jnp.float32)
+    w_out = self.param("w_out", fan_in_init(), (f, cfg.d_model), jnp.float32)
+    h_BxLx2F = project(x_BxLxD, w_in, self.impl, dt)
+    return project(swiglu(h_BxLx2F), w_out, self.impl, dt)

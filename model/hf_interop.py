@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Mistral / Mixtral checkpoints -> moelab (ModelConfig, params).
+"""Hugging Face Llama / Mistral / Mixtral / DeepSeek-V3 checkpoints -> moelab (ModelConfig, params).
 
     cfg, params = load_hf("path/to/checkpoint_dir")          # config.json + *.safetensors
     cfg = config_from_hf(hf_model.config)                    # or a config.json dict
@@ -24,7 +24,9 @@ HF Mixtral routing (softmax over all E, top-k, renormalise) equals
 softmax over the top-k logits, i.e. moe_gate='topk_softmax'; the loaded
 config uses moe_dispatch='dropless' so no token is ever dropped.
 Mistral's sliding window is exact for sequences up to the window, so it
-bounds `max_seq_len`.
+bounds `max_seq_len`. DeepSeek-V3 (MLA + sigmoid-gated MoE with shared
+experts) maps through model/hf_deepseek.py; `save_hf` (model/hf_export.py)
+goes the other way.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
+from model import hf_deepseek
 from model.config import ModelConfig
+from model.hf_export import save_hf  # noqa: F401  (moelab -> HF, the other direction)
 from model.transformer import Decoder
 
-SUPPORTED = ("llama", "mistral", "mixtral")
+SUPPORTED = ("llama", "mistral", "mixtral", "deepseek_v3")
 
 
 def _get(hf: Mapping[str, Any], key: str, default=None):
@@ -50,7 +54,7 @@ def _get(hf: Mapping[str, Any], key: str, default=None):
 
 
 def config_from_hf(hf_config, **overrides) -> ModelConfig:
-  """ModelConfig of an HF Llama/Mistral/Mixtral config (object or dict)."""
+  """ModelConfig of an HF Llama/Mistral/Mixtral/DeepSeek-V3 config (object or dict)."""
   hf = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
   kind = hf.get("model_type")
   if kind not in SUPPORTED:
@@ -65,7 +69,9 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
   rope_type = rope.get("rope_type", (scaling or {}).get("rope_type", "default"))
   if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in
                                 (None, "default")):
-    raise ValueError(f"hf_interop: only default RoPE is supported (got {rope_type!r})")
+    raise ValueError(f"hf_interop: only default RoPE is supported (got {rope_type!r}): "
+                     "YaRN and other RoPE scaling (and DeepSeek's YaRN mscale of the "
+                     "attention scale) are not implemented")
   theta = rope.get("rope_theta", _get(hf, "rope_theta", 10_000.0))
   d, h = hf["hidden_size"], hf["num_attention_heads"]
   head_dim = _get(hf, "head_dim", d // h)
@@ -83,6 +89,8 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
     kw.update(num_experts=hf["num_local_experts"], moe_top_k=hf["num_experts_per_tok"],
               moe_every=1, moe_mode="sparse", moe_gate="topk_softmax", moe_dispatch="dropless",
               router_noise="none")
+  if kind == "deepseek_v3":
+    kw.update(hf_deepseek.config_kwargs(hf))
   kw.update(overrides)
   return ModelConfig(**kw)
 
@@ -113,15 +121,20 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict:
     params["unembed"] = take("lm_head.weight").T
   for i in range(cfg.num_layers):
     pre = f"model.layers.{i}."
-    heads = lambda w, n: rearrange(w, "(n e) d -> d n e", n=n)
-    w_qkv = np.concatenate([heads(take(pre + "self_attn.q_proj.weight"), h),
-                            heads(take(pre + "self_attn.k_proj.weight"), k),
-                            heads(take(pre + "self_attn.v_proj.weight"), k)], axis=1)
-    w_o = rearrange(take(pre + "self_attn.o_proj.weight"), "d (h e) -> h e d", h=h)
-    block = {"attn": {"w_qkv": w_qkv, "w_o": w_o},
-             "attn_norm": {"scale": take(pre + "input_layernorm.weight")},
+    block = {"attn_norm": {"scale": take(pre + "input_layernorm.weight")},
              "ffn_norm": {"scale": take(pre + "post_attention_layernorm.weight")}}
-    if cfg.is_moe_layer(i):
+    if cfg.attention == "mla":
+      block["attn"] = hf_deepseek.mla_from_hf(take, pre, cfg)
+    else:
+      heads = lambda w, n: rearrange(w, "(n e) d -> d n e", n=n)
+      w_qkv = np.concatenate([heads(take(pre + "self_attn.q_proj.weight"), h),
+                              heads(take(pre + "self_attn.k_proj.weight"), k),
+                              heads(take(pre + "self_attn.v_proj.weight"), k)], axis=1)
+      w_o = rearrange(take(pre + "self_attn.o_proj.weight"), "d (h e) -> h e d", h=h)
+      block["attn"] = {"w_qkv": w_qkv, "w_o": w_o}
+    if cfg.is_moe_layer(i) and cfg.moe_gate == "sigmoid":
+      block["moe"] = hf_deepseek.moe_from_hf(sd, take, pre, cfg)
+    elif cfg.is_moe_layer(i):
       block["moe"] = _moe_from_hf(sd, take, pre, cfg.num_experts)
     else:
       block["ffn"] = {"w_in": np.concatenate([take(pre + "mlp.gate_proj.weight").T,
@@ -129,7 +142,8 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict:
                       "w_out": take(pre + "mlp.down_proj.weight").T}
     params[f"block_{i}"] = block
   ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
-  left = sorted(n for n in set(sd) - used - ignorable if "rotary_emb" not in n)
+  left = sorted(n for n in set(sd) - used - ignorable
+                if "rotary_emb" not in n and 0 not in tuple(sd[n].shape))  # DeepSeek N_s=0: [0, D]
   if left:
     raise ValueError(f"hf_interop: unused HF weights {left[:8]}{' ...' if len(left) > 8 else ''}")
   _check_shapes(params, cfg)

@@ -11,6 +11,21 @@ uses the defaults, the plain XLA forms that run well on every backend.
                'cpu'   decode-sized steps loop over the chosen experts (`dispatch.py`)
                'cpu_kernel'  decode-sized steps in the C++ expert kernel (kernels/moe_cpu.py)
     moe_threads  threads of that kernel (cores per device)
+    mla        'absorbed'  MLA decode steps attend in latent space over a cache of
+                           [c_kv ; k_rope] per token (model/mla.py, model/latent_cache.py)
+               'expanded'  over a cache of per-head K and V up-projected from the latent
+    matmul     'xla'   weight products as XLA dots
+               'cpu_kernel'  decode-sized weight products (model/linear.py) in the C++
+                             matrix kernel (kernels/matmul_cpu.py)
+    matmul_threads  threads of that kernel (cores per device)
+    remat      'none'  training keeps every activation the backward pass needs
+               'block' each block under `jax.checkpoint` with `nothing_saveable`: only
+                       the block's inputs are kept; its forward is recomputed in the
+                       backward pass (Chen et al. 2016 arXiv 1604.06174)
+               'full'  'block' plus its attention and its FFN / MoE sub-layers each
+                       checkpointed the same way inside it (model/transformer.py)
+               Training sets it from `train.remat` (train/config.py); decoding, which
+               never differentiates, leaves it 'none'.
 """
 
 from __future__ import annotations
@@ -19,6 +34,14 @@ import dataclasses
 
 ATTENTION_IMPLS = ("xla", "cpu")
 MOE_IMPLS = ("xla", "cpu", "cpu_kernel")
+MLA_IMPLS = ("absorbed", "expanded")
+MATMUL_IMPLS = ("xla", "cpu_kernel")
+REMAT_IMPLS = ("none", "block", "full")
+
+
+def resolve_mla(choice: str) -> str:
+  """'auto' -> 'absorbed' (GenerationConfig.mla_impl; the cache spec and the backend agree)."""
+  return "absorbed" if choice == "auto" else choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +49,14 @@ class ModelImpl:
   attention: str = "xla"
   moe: str = "xla"
   moe_threads: int = 0
+  mla: str = "absorbed"
+  matmul: str = "xla"
+  matmul_threads: int = 0
+  remat: str = "none"
 
   def __post_init__(self):
+    if self.mla not in MLA_IMPLS:
+      raise ValueError(f"impl.mla: must be one of {MLA_IMPLS} (got {self.mla!r})")
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"impl.attention: must be one of {ATTENTION_IMPLS} "
                        f"(got {self.attention!r})")
@@ -36,3 +65,10 @@ class ModelImpl:
     if (self.moe == "cpu_kernel") != (self.moe_threads > 0):
       raise ValueError("impl.moe_threads: > 0 exactly when moe='cpu_kernel' "
                        f"(got {self.moe_threads} with moe={self.moe!r})")
+    if self.matmul not in MATMUL_IMPLS:
+      raise ValueError(f"impl.matmul: must be one of {MATMUL_IMPLS} (got {self.matmul!r})")
+    if (self.matmul == "cpu_kernel") != (self.matmul_threads > 0):
+      raise ValueError("impl.matmul_threads: > 0 exactly when matmul='cpu_kernel' "
+                       f"(got {self.matmul_threads} with matmul={self.matmul!r})")
+    if self.remat not in REMAT_IMPLS:
+      raise ValueError(f"impl.remat: must be one of {REMAT_IMPLS} (got {self.remat!r})")

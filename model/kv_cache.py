@@ -25,6 +25,11 @@ and `grow` zero-pads every buffer between phases (one copy per phase, not
 per step; decode/cache_windows.py runs the phases). docs/performance.md has
 the measured gains.
 
+For attention='mla' the same kind stores the latent instead
+(model/latent_cache.py: [c_kv ; k_rope] per token, impl.mla='absorbed'),
+or per-head K and V of different widths (impl.mla='expanded'); users keep
+`GenerationConfig.kv_cache='contiguous'` either way.
+
 Shape names (README legend): B rows, T slots, L new tokens, K kv heads,
 H query heads, E head width.
 """
@@ -41,6 +46,7 @@ import jax.numpy as jnp
 from model.attention import attend_cached
 from model.cache import register
 from model.config import ModelConfig
+from model.impl import resolve_mla
 
 MIN_WINDOW = 128  # smaller windows save little attention and cost a compile each
 
@@ -127,6 +133,11 @@ class KVCache:
     pad = ((0, 0), (0, max_len - self.max_len), (0, 0), (0, 0))
     return jax.tree.map(lambda x: jnp.pad(x, pad), self)
 
+  def release(self, rows_B) -> "KVCache":
+    """Nothing to return: every row keeps its own slots."""
+    del rows_B
+    return self
+
 
 def growing_windows(prompt_width: int, total: int, growth: float = 2.0) -> tuple[int, ...]:
   """The phases' cache sizes (w_0, ..., total) for a prompt of `prompt_width` slots.
@@ -148,20 +159,38 @@ def growing_windows(prompt_width: int, total: int, growth: float = 2.0) -> tuple
 @register("contiguous")
 @dataclasses.dataclass(frozen=True)
 class ContiguousSpec:
-  """Builds `KVCache`s; `growth` sets the growing windows (<= 1: off)."""
+  """Builds `KVCache`s; `growth` sets the growing windows (<= 1: off).
+
+  For attention='mla' the layout follows `mla` (GenerationConfig.mla_impl, as
+  impl.mla): 'absorbed' builds the latent cache of model/latent_cache.py
+  ([c_kv ; k_rope] per token), 'expanded' a KVCache of per-head K
+  [B, T, H, nope + R] and V [B, T, H, v].
+  """
 
   growth: float = 2.0
+  mla: str = "absorbed"
 
   @classmethod
   def from_config(cls, gen) -> "ContiguousSpec":
-    return cls(growth=gen.cache_growth)
+    return cls(growth=gen.cache_growth, mla=resolve_mla(gen.mla_impl))
 
-  def init(self, cfg: ModelConfig, rows: int, max_len: int, dtype=None) -> KVCache:
+  def init(self, cfg: ModelConfig, rows: int, max_len: int, dtype=None):
     """Zero cache for `rows` rows of up to `max_len` positions."""
     dt = jnp.dtype(dtype or cfg.dtype)
+    if cfg.attention == "mla":
+      if self.mla == "absorbed":
+        from model.latent_cache import LatentCache  # noqa: PLC0415 (it imports this module)
+        return LatentCache.zeros(cfg, rows, max_len, dt)
+      k_shape = (rows, max_len, cfg.num_heads, cfg.mla_nope_dim + cfg.rope_head_dim)
+      v_shape = (rows, max_len, cfg.num_heads, cfg.mla_v_dim)
+      return KVCache(tuple(LayerKV(jnp.zeros(k_shape, dt), jnp.zeros(v_shape, dt))
+                           for _ in range(cfg.num_layers)))
     shape = (rows, max_len, cfg.num_kv_heads, cfg.dim_per_head)
     return KVCache(tuple(LayerKV(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
                          for _ in range(cfg.num_layers)))
+
+  def check(self, cfg: ModelConfig, rows: int, max_len: int) -> None:
+    del cfg, rows, max_len  # `init` allocates every slot up front: it cannot run out
 
   def windows(self, prompt_width: int, total: int) -> tuple[int, ...]:
     return growing_windows(prompt_width, total, self.growth)

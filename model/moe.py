@@ -2,6 +2,15 @@
 
     y(x) = sum_{i in top-k(x)} gate_i(x) * SwiGLU_i(x)       (Shazeer 2017 eq. 1; Mixtral eq. 2)
 
+With moe_num_shared_experts = N_s > 0 (DeepSeek-V3, arXiv 2412.19437 eq. 12)
+always-on experts are added to the routed output,
+
+    h'(u) = u + sum_{i <= N_s} FFN^(s)_i(u) + sum_{i in top-k} g_i FFN^(r)_i(u)
+
+run as one SwiGLU `moe/shared` of width moe_shared_ffn_dim (N_s * the expert
+width, as HF DeepSeek-V3 stores them); the residual u is added by the block.
+The gates g_i are the router's (sigmoid with a selection bias, model/router.py).
+
 The dispatch (`moe_mode` / `moe_dispatch`) is one of the pure functions of
 `model/dispatch.py` (re-exported here): `capacity_moe` (Switch/GShard fixed
 capacity, overflow dropped), `dropless_moe` (sort + grouped matmul) or
@@ -34,10 +43,10 @@ from model import expert_parallel
 from model.config import ModelConfig
 from model.dispatch import (capacity_moe, capacity_slots, dense_moe, dropless_moe,  # noqa: F401
                             expert_capacity, expert_ffn)
-from model.ffn import fan_in_init
+from model.ffn import SwiGLU, fan_in_init
 from model.impl import ModelImpl
 from model.router import Router, Routing
-from model.routing_losses import router_stats
+from model.routing_losses import router_stats, sequence_balance
 
 class MoE(nn.Module):
   """x_BxLxD -> (y_BxLxD, RouterStats). Params: router/w_gate, w_in, w_out."""
@@ -51,6 +60,8 @@ class MoE(nn.Module):
     self.router = Router(cfg)
     self.w_in = self.param("w_in", fan_in_init(batch_axis=(0,)), (e, d, 2 * f), jnp.float32)
     self.w_out = self.param("w_out", fan_in_init(batch_axis=(0,)), (e, f, d), jnp.float32)
+    if cfg.moe_num_shared_experts:
+      self.shared = SwiGLU(cfg, cfg.shared_ffn_dim, self.impl)
 
   def experts(self, x_NxD, routing: Routing, train: bool, decoding: bool = False):
     """Dispatch + experts + combine. Returns (y_NxD, RouterStats)."""
@@ -84,4 +95,8 @@ class MoE(nn.Module):
     x_NxD = rearrange(x_BxLxD, "b l d -> (b l) d").astype(jnp.dtype(self.cfg.dtype))
     routing = self.router(x_NxD, train)
     y_NxD, stats = self.experts(x_NxD, routing, train, decoding)
-    return rearrange(y_NxD, "(b l) d -> b l d", b=b), stats
+    stats = stats.replace(seq_balance=sequence_balance(routing, b))
+    y_BxLxD = rearrange(y_NxD, "(b l) d -> b l d", b=b)
+    if self.cfg.moe_num_shared_experts:
+      y_BxLxD = y_BxLxD + self.shared(x_BxLxD)
+    return y_BxLxD, stats

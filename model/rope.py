@@ -20,12 +20,20 @@ def rope_angles(positions_BxL, dim: int, theta: float):
   return jnp.cos(ang_BxLxF), jnp.sin(ang_BxLxF)
 
 
-def apply_rope(x_BxLxHxD, positions_BxL, theta: float):
-  """Rotates each head of x by its token's position. Shape preserved."""
+def apply_rope(x_BxLxHxD, positions_BxL, theta: float, interleave: bool = False):
+  """Rotates each head of x by its token's position. Shape preserved.
+
+  interleave: the pairs are (x0, x1), (x2, x3), ... (HF DeepSeek-V3's
+  `rope_interleave`); the result is in the rotate-half layout, as HF returns
+  it (queries and keys alike, so their products are those of the pairs).
+  """
   d = x_BxLxHxD.shape[-1]
   cos, sin = rope_angles(positions_BxL, d, theta)
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x = x_BxLxHxD.astype(jnp.float32)
-  x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+  if interleave:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+  else:
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxHxD.dtype)

@@ -15,6 +15,25 @@ Gate normalisation (`moe_gate`):
     'softmax_topk':  p = softmax(H(x)) over all E;  gate_i = p_i for i in top-k   (Switch)
     'topk_softmax':  G(x) = Softmax(KeepTopK(H(x), k))                             (Shazeer eq. 3;
                      Mixtral: softmax over the k selected logits)
+    'sigmoid':       s_i = sigmoid(H(x)_i);  chosen = TopK(s_i + b_i, k)           (DeepSeek-V3,
+                     g_i = s_i / sum_{j in chosen} s_j  (norm_topk_prob)            arXiv 2412.19437
+                     gate_i = routed_scaling_factor * g_i                           eq. 13-16)
+
+The selection bias b_i (`router/bias`, sigmoid gates) takes part in choosing
+the experts only, never in the gate values, so it gets no gradient: training
+moves it by auxiliary-loss-free balancing (Wang et al. 2024 arXiv 2408.15664,
+alg. 1; DeepSeek-V3 sec. 2.1.2), after every step
+
+    b_i <- b_i + gamma * sign(mean_j load_j - load_i)          (`update_router_bias`)
+
+where load_i is the step's share of assignments to expert i; decoding uses
+b_i unchanged. It lives in the params (so checkpoints, HF import/export and
+decoding carry it) but train/step.py takes it out before the optimizer
+(`split_router_bias`). Group-limited routing (n_group > 1, HF DeepSeek-V3):
+the experts form n_group groups of X / n_group; a group's score is the sum
+of its two largest s_i + b_i, and only the topk_group best groups' experts
+may be chosen. For sigmoid gates `probs_NxX` is s_i / sum_j s_j (eq. 19), the
+distribution the balance losses and statistics use.
 
 Smooth load estimator (Shazeer et al. 2017, appendix A, eq. 8-9), returned
 for 'shazeer' in training:
@@ -44,7 +63,8 @@ class Routing:
   """What the router decides for N tokens.
 
   logits_NxX: H(x), the (noisy in training) logits used to select experts.
-  probs_NxX: softmax(H(x)) over all experts (Switch's P_i statistic).
+  probs_NxX: softmax(H(x)) over all experts (Switch's P_i statistic); for
+    sigmoid gates the normalised scores s_i / sum_j s_j.
   expert_NxA: chosen experts, best first (int32).
   gate_NxA: combine weights of the chosen experts (float32).
   load_NxX: Shazeer's smooth P(x, i) (None unless 'shazeer' and training).
@@ -68,6 +88,53 @@ def top_k_gates(logits_NxX, k: int, gate: str):
   else:
     raise ValueError(f"unknown moe_gate {gate!r}")
   return expert_NxA.astype(jnp.int32), gate_NxA, probs_NxX
+
+
+def sigmoid_gates(logits_NxX, bias_X, k: int, n_group: int = 1, topk_group: int = 1,
+                  norm: bool = True, scale: float = 1.0):
+  """DeepSeek-V3 gates (module docstring). Returns (expert_NxA, gate_NxA, probs_NxX)."""
+  s_NxX = jax.nn.sigmoid(logits_NxX)
+  choice_NxX = s_NxX + jax.lax.stop_gradient(bias_X)
+  n, x = choice_NxX.shape
+  if n_group > 1:  # top-2 sum per group, keep the topk_group best groups
+    per_group = x // n_group
+    top2 = jax.lax.top_k(choice_NxX.reshape(n, n_group, per_group), 2)[0]
+    _, groups_kept = jax.lax.top_k(top2.sum(-1), topk_group)
+    kept_group = jax.nn.one_hot(groups_kept, n_group, dtype=jnp.bool_).any(axis=1)
+    choice_NxX = jnp.where(jnp.repeat(kept_group, per_group, axis=1), choice_NxX, -jnp.inf)
+  _, expert_NxA = jax.lax.top_k(choice_NxX, k)
+  gate_NxA = jnp.take_along_axis(s_NxX, expert_NxA, axis=-1)
+  if norm:
+    gate_NxA = gate_NxA / (gate_NxA.sum(-1, keepdims=True) + 1e-20)
+  probs_NxX = s_NxX / s_NxX.sum(-1, keepdims=True)
+  return expert_NxA.astype(jnp.int32), gate_NxA * scale, probs_NxX
+
+
+def update_router_bias(bias_X, load_X, rate: float):
+  """b_i + rate * sign(mean load - load_i): Wang et al. 2024 (arXiv 2408.15664) alg. 1."""
+  return bias_X + rate * jnp.sign(load_X.mean(-1, keepdims=True) - load_X)
+
+
+def split_router_bias(params: dict):
+  """(params without the routers' `bias`, {block name: bias_X}) of a Decoder's params."""
+  rest, biases = {}, {}
+  for name, sub in params.items():
+    router = sub.get("moe", {}).get("router", {}) if isinstance(sub, dict) else {}
+    if "bias" in router:
+      biases[name] = router["bias"]
+      router = {k: v for k, v in router.items() if k != "bias"}
+      sub = {**sub, "moe": {**sub["moe"], "router": router}}
+    rest[name] = sub
+  return rest, biases
+
+
+def merge_router_bias(params: dict, biases: dict) -> dict:
+  """Inverse of `split_router_bias`."""
+  out = dict(params)
+  for name, bias_X in biases.items():
+    moe = out[name]["moe"]
+    out[name] = {**out[name], "moe": {**moe, "router": {**moe["router"], "bias": bias_X}}}
+  return out
 
 
 def smooth_load(clean_NxX, noisy_NxX, noise_std_NxX, k: int):
@@ -121,7 +188,15 @@ class Router(nn.Module):
           self.make_rng("router"), clean_NxX.shape)
 
     k = cfg.num_experts if cfg.moe_mode == "dense" else cfg.moe_top_k
-    expert_NxA, gate_NxA, probs_NxX = top_k_gates(logits_NxX, k, cfg.moe_gate)
+    if cfg.moe_gate == "sigmoid":
+      bias_X = self.param("bias", nn.initializers.zeros, (e,), jnp.float32)
+      expert_NxA, gate_NxA, probs_NxX = sigmoid_gates(
+          logits_NxX, bias_X, k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+          cfg.routed_scaling_factor)
+    else:
+      expert_NxA, gate_NxA, probs_NxX = top_k_gates(logits_NxX, k, cfg.moe_gate)
+      if cfg.routed_scaling_factor != 1.0:
+        gate_NxA = gate_NxA * cfg.routed_scaling_factor
     if cfg.moe_mode == "dense":  # every expert, weighted by the full softmax
       gate_NxA = jnp.take_along_axis(probs_NxX, expert_NxA, axis=-1)
     return Routing(logits_NxX=logits_NxX, probs_NxX=probs_NxX, expert_NxA=expert_NxA,

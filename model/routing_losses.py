@@ -35,6 +35,17 @@ Losses (each with its own coefficient in ModelConfig):
 
       L_z = (1/B) sum_x (logsumexp_j H(x)_j)^2
 
+* Complementary sequence-wise balance loss (DeepSeek-V3, arXiv 2412.19437
+  eq. 17-20), coefficient alpha = aux_seq_coef, per sequence of T tokens:
+
+      L_Bal = alpha * sum_i f_i P_i,   f_i = N_r / (K_r T) * sum_t 1(s_it in TopK),
+      s'_it = s_it / sum_j s_jt,       P_i = (1/T) sum_t s'_it
+
+  N_r experts, K_r = top-k; averaged over the batch's sequences
+  (`sequence_balance`; s' is `Routing.probs_NxX`). It keeps single
+  sequences from collapsing where the bias balancing (model/router.py) acts
+  on whole batches only.
+
 CV^2 = Var / Mean^2 (population variance); it is scale invariant, so token
 means give the same value as the papers' token sums.
 """
@@ -56,8 +67,9 @@ class RouterStats:
   importance_X: mean gate mass G(x)_i per expert.
   load_X: mean smooth load P(x, i) (Shazeer), or f_i when not available.
   z: mean of logsumexp(H(x))^2.
-  entropy: mean per-token entropy of softmax(H(x)) (nats).
+  entropy: mean per-token entropy of the routing distribution probs_NxX (nats).
   dropped: fraction of assignments dropped for lack of capacity.
+  seq_balance: mean over sequences of N_r sum_i f_i P_i (eq. 17 without alpha).
   """
 
   expert_frac_X: jax.Array
@@ -67,9 +79,23 @@ class RouterStats:
   z: jax.Array
   entropy: jax.Array
   dropped: jax.Array
+  seq_balance: jax.Array = 0.0
 
 
-def router_stats(routing: Routing, dropped) -> RouterStats:
+def sequence_balance(routing: Routing, rows: int):
+  """N_r sum_i f_i P_i of each of the `rows` sequences (eq. 17-20), averaged.
+
+  The N tokens are `rows` sequences of N / rows, row-major (MoE's [B, L] flattened)."""
+  n, k = routing.expert_NxA.shape
+  num_experts = routing.probs_NxX.shape[-1]
+  assign = jax.nn.one_hot(routing.expert_NxA.reshape(rows, n // rows, k), num_experts,
+                          dtype=jnp.float32)
+  f_BxX = jax.lax.stop_gradient(assign.mean(axis=(1, 2)))   # count_i / (K_r T)
+  p_BxX = routing.probs_NxX.reshape(rows, n // rows, num_experts).mean(1)
+  return (num_experts * (f_BxX * p_BxX).sum(-1)).mean()
+
+
+def router_stats(routing: Routing, dropped, seq_balance=0.0) -> RouterStats:
   """Token means of the routing decision (one shard's view)."""
   num_experts = routing.probs_NxX.shape[-1]
   assign_NxAxX = jax.nn.one_hot(routing.expert_NxA, num_experts, dtype=jnp.float32)
@@ -77,7 +103,7 @@ def router_stats(routing: Routing, dropped) -> RouterStats:
   importance_X = jnp.einsum("nk,nke->e", routing.gate_NxA, assign_NxAxX) / assign_NxAxX.shape[0]
   load_X = expert_frac_X if routing.load_NxX is None else routing.load_NxX.mean(0)
   lse_N = jax.nn.logsumexp(routing.logits_NxX, axis=-1)
-  logp_NxX = jax.nn.log_softmax(routing.logits_NxX, axis=-1)
+  logp_NxX = jnp.log(jnp.where(routing.probs_NxX > 0, routing.probs_NxX, 1.0))
   entropy = -(routing.probs_NxX * logp_NxX).sum(-1).mean()
   return RouterStats(
       expert_frac_X=expert_frac_X,
@@ -86,7 +112,8 @@ def router_stats(routing: Routing, dropped) -> RouterStats:
       load_X=load_X,
       z=jnp.mean(lse_N ** 2),
       entropy=entropy,
-      dropped=jnp.asarray(dropped, jnp.float32))
+      dropped=jnp.asarray(dropped, jnp.float32),
+      seq_balance=jnp.asarray(seq_balance, jnp.float32))
 
 
 def cv_squared(x_X):
@@ -106,11 +133,14 @@ def aux_losses(stats: RouterStats, cfg: ModelConfig) -> dict:
       "importance": cv_squared(stats.importance_X),
       "load": cv_squared(stats.load_X),
       "z": stats.z,
+      "seq": stats.seq_balance,
   }
   losses["total"] = (cfg.aux_switch_coef * losses["switch"]
                      + cfg.aux_importance_coef * losses["importance"]
                      + cfg.aux_load_coef * losses["load"]
                      + cfg.aux_z_coef * losses["z"])
+  if cfg.aux_seq_coef:
+    losses["total"] = losses["total"] + cfg.aux_seq_coef * losses["seq"]
   return losses
 
 

@@ -3,6 +3,8 @@
     h_0 = Emb(tokens)
     a_l = h_{l-1} + Attn(RMSNorm(h_{l-1}))
     h_l = a_l + FFN_l(RMSNorm(a_l))        FFN_l = SwiGLU, or MoE every moe_every-th block
+                                           from block first_k_dense_replace on
+    Attn = grouped attention (model/attention.py) or MLA (attention='mla', model/mla.py)
     logits = RMSNorm(h_L) W_unembed         W_unembed = Emb^T when tie_embeddings
 
 `Decoder.__call__(tokens_BxL, positions_BxL=None, train=False)` returns
@@ -33,9 +35,16 @@ from model.attention import Attention
 from model.config import ModelConfig
 from model.ffn import SwiGLU
 from model.impl import ModelImpl
+from model.linear import project
+from model.mla import MLA
 from model.moe import MoE
 from model.norm import RMSNorm
 from model.routing_losses import aux_losses
+
+# Rematerialisation (impl.remat, Chen et al. 2016 arXiv 1604.06174): a
+# checkpointed module keeps only its inputs and recomputes the rest in the
+# backward pass.
+REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
 
 
 class Block(nn.Module):
@@ -50,15 +59,22 @@ class Block(nn.Module):
   def __call__(self, h_BxLxD, positions_BxL, train: bool = False, cache=None,
                fresh: bool = False):
     cfg = self.cfg
-    a, cache = Attention(cfg, self.impl, name="attn")(
+    attention = MLA if cfg.attention == "mla" else Attention
+    moe, ffn = MoE, SwiGLU
+    if self.impl.remat == "full" and cache is None:  # sub-layers too (model/impl.py)
+      # static_argnums count `self` as 0: (layer, fresh) and (train, decoding).
+      attention = nn.remat(attention, policy=REMAT_POLICY, static_argnums=(4, 5))
+      moe = nn.remat(MoE, policy=REMAT_POLICY, static_argnums=(2, 3))
+      ffn = nn.remat(SwiGLU, policy=REMAT_POLICY)
+    a, cache = attention(cfg, self.impl, name="attn")(
         RMSNorm(cfg.norm_eps, name="attn_norm")(h_BxLxD), positions_BxL, cache, self.layer,
         fresh)
     h_BxLxD = h_BxLxD + a
     x = RMSNorm(cfg.norm_eps, name="ffn_norm")(h_BxLxD)
     if self.moe:
-      f, stats = MoE(cfg, self.impl, name="moe")(x, train, decoding=cache is not None)
+      f, stats = moe(cfg, self.impl, name="moe")(x, train, cache is not None)
     else:
-      f, stats = SwiGLU(cfg, name="ffn")(x), None
+      f, stats = ffn(cfg, impl=self.impl, name="ffn")(x), None
     return h_BxLxD + f, stats, cache
 
 
@@ -72,7 +88,11 @@ class Decoder(nn.Module):
     cfg = self.cfg
     self.embed = self.param("embed", nn.initializers.normal(stddev=cfg.d_model ** -0.5),
                             (cfg.vocab_size, cfg.d_model), jnp.float32)
-    self.blocks = [Block(cfg, cfg.is_moe_layer(i), i, self.impl, name=f"block_{i}")
+    block = Block
+    if self.impl.remat != "none":  # keep each block's inputs only (model/impl.py)
+      # static_argnums count `self` as 0: train and fresh are Python bools.
+      block = nn.remat(Block, policy=REMAT_POLICY, static_argnums=(3, 5))
+    self.blocks = [block(cfg, cfg.is_moe_layer(i), i, self.impl, name=f"block_{i}")
                    for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps)
     if not cfg.tie_embeddings:
@@ -85,8 +105,9 @@ class Decoder(nn.Module):
   def logits(self, h_BxLxD):
     """Final norm + unembedding, float32 logits."""
     h = self.final_norm(h_BxLxD)
-    w_DxV = self.embed.T if self.cfg.tie_embeddings else self.unembed
-    return jnp.einsum("bld,dv->blv", h, w_DxV.astype(h.dtype)).astype(jnp.float32)
+    tied = self.cfg.tie_embeddings
+    return project(h, self.embed if tied else self.unembed, self.impl, h.dtype,
+                   transpose_w=tied).astype(jnp.float32)
 
   def __call__(self, tokens_BxL, positions_BxL: Optional[jax.Array] = None,
                train: bool = False):
@@ -95,7 +116,7 @@ class Decoder(nn.Module):
     h = self.embed_tokens(tokens_BxL)
     stats = []
     for block in self.blocks:
-      h, s, _ = block(h, positions_BxL, train)
+      h, s, _ = block(h, positions_BxL, train, None, False)  # all positional (nn.remat)
       if s is not None:
         stats.append(s)
     return self.logits(h), collect_aux(stats, self.cfg)

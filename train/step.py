@@ -5,13 +5,23 @@
                                           (model/routing_losses.py)
 
 Bits per byte (eval): sum of next-token cross-entropy (nats) over targets that
-are bytes, / (ln 2 * number of byte targets). BOS/EOS targets count in the
-loss but not in bits/byte.
+cover bytes, / (ln 2 * number of bytes they cover): one byte per byte id, or
+a BPE token's bytes (train/bpe.py). BOS/EOS targets count in the loss but
+not in bits/byte; PAD targets (padded task rows) count in neither.
 
 `train_step(state, batch_BxL1)` is a pure function: the router-noise key is
 derived from (seed, step) inside the step, so the same seed gives the same
 run and a resumed run continues bit for bit. Use `jit_train_step` to get it
 compiled with the state donated.
+
+Routers with sigmoid gates hold a selection bias b_i (model/router.py) in
+`params`, so checkpoints, `restore_params`, evaluation and decoding carry it
+with no extra state; the optimizer never sees it (its state is built for the
+params without it, `split_router_bias`). After the optimizer's update every
+step moves it by auxiliary-loss-free balancing, b_i += gamma * sign(mean load
+- load_i) (DeepSeek-V3 arXiv 2412.19437 sec. 2.1.2; `router_bias_update_rate`
+= gamma), and reports it as metrics['router_bias'] [MoE layer, X]. Models
+without it have the same state structure as before.
 """
 
 import functools
@@ -22,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from model.router import merge_router_bias, split_router_bias, update_router_bias
 from model.transformer import Decoder
 from train import tokenizer
 
@@ -39,8 +50,20 @@ def init_state(model: Decoder, tx: optax.GradientTransformation, seed: int,
   init_key, rng = jax.random.split(jax.random.key(seed))
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   params = model.init(init_key, tokens)["params"]
+  trainable, _ = split_router_bias(params)  # the optimizer never sees the routers' b_i
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), rng=jax.random.key_data(rng))
+                    opt_state=tx.init(trainable), rng=jax.random.key_data(rng))
+
+
+def balance_router_bias(biases: dict, stats, rate: float) -> dict:
+  """Auxiliary-loss-free balancing of every MoE block's b_i from this step's loads.
+
+  `biases` maps block names to b_X (`split_router_bias`); `stats` is the
+  RouterStats of the MoE blocks stacked in block order (`aux['stats']`).
+  """
+  names = sorted(biases, key=lambda n: int(n.rsplit("_", 1)[1]))
+  return {n: update_router_bias(biases[n], stats.expert_frac_X[j], rate)
+          for j, n in enumerate(names)}
 
 
 def token_losses(logits_BxLxV, targets_BxL):
@@ -48,27 +71,40 @@ def token_losses(logits_BxLxV, targets_BxL):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
 
 
-def loss_fn(params, model: Decoder, batch_BxL1, rng, train: bool):
+def loss_fn(params, model: Decoder, batch_BxL1, rng, train: bool, router_bias=None):
+  """router_bias: the routers' b_i held out of `params` (`split_router_bias`), or None."""
   inputs, targets = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
+  if router_bias:
+    params = merge_router_bias(params, router_bias)
   logits, aux = model.apply({"params": params}, inputs, train=train,
                             rngs={"router": rng} if train else {})
-  ce = token_losses(logits, targets).mean()
+  real_BxL = targets != tokenizer.PAD  # padded task rows (train/tasks.py): PAD is no target
+  ce = (jnp.where(real_BxL, token_losses(logits, targets), 0).sum()
+        / jnp.maximum(real_BxL.sum(), 1))
   return ce + aux["loss"], (ce, aux)
 
 
 def train_step(state: TrainState, batch_BxL1, *, model: Decoder,
                tx: optax.GradientTransformation):
-  """One AdamW step. Returns (new_state, metrics)."""
+  """One AdamW step (and the routers' bias balancing). Returns (new_state, metrics)."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  trainable, router_bias = split_router_bias(state.params)
   grads, (ce, aux) = jax.grad(loss_fn, has_aux=True)(
-      state.params, model, batch_BxL1, rng, True)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+      trainable, model, batch_BxL1, rng, True, router_bias)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  params = optax.apply_updates(trainable, updates)
   metrics = {"loss": ce + aux["loss"], "ce": ce, "aux_loss": aux["loss"],
              "grad_norm": optax.global_norm(grads)}
   if "stats" in aux:
     metrics["moe"] = aux["stats"]          # RouterStats, leading axis = MoE layer
     metrics["moe_losses"] = aux["losses"]
+  if router_bias:
+    if model.cfg.router_bias_update_rate > 0:
+      router_bias = balance_router_bias(router_bias, aux["stats"],
+                                        model.cfg.router_bias_update_rate)
+    names = sorted(router_bias, key=lambda n: int(n.rsplit("_", 1)[1]))
+    metrics["router_bias"] = jnp.stack([router_bias[n] for n in names])  # [MoE layer, X]
+    params = merge_router_bias(params, router_bias)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -77,19 +113,28 @@ def jit_train_step(model: Decoder, tx: optax.GradientTransformation, **jit_kw):
                  **jit_kw)
 
 
-def eval_step(params, batch_BxL1, *, model: Decoder):
-  """Sums for one batch: (nats over all targets, #targets, nats over bytes, #bytes, aux)."""
+def eval_step(params, batch_BxL1, *, model: Decoder, token_bytes_V=None):
+  """Sums for one batch: (nats over the non-PAD targets, their number, nats over
+  targets that cover bytes, #bytes covered, aux).
+
+  token_bytes_V: bytes each id covers (a BPE's `token_bytes()`); None is the
+  byte tokenizer (1 per byte id, 0 for BOS/EOS/PAD).
+  """
   inputs, targets = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
   logits, aux = model.apply({"params": params}, inputs, train=False)
   nats_BxL = token_losses(logits, targets)
-  byte = tokenizer.is_byte(targets)
-  return {"nats": nats_BxL.sum(), "tokens": jnp.asarray(nats_BxL.size, jnp.float32),
-          "byte_nats": jnp.where(byte, nats_BxL, 0).sum(),
-          "bytes": byte.sum().astype(jnp.float32), "aux_loss": aux["loss"]}
+  real = targets != tokenizer.PAD
+  if token_bytes_V is None:
+    nbytes_BxL = tokenizer.is_byte(targets).astype(jnp.float32)
+  else:
+    nbytes_BxL = jnp.asarray(token_bytes_V, jnp.float32)[targets]
+  return {"nats": jnp.where(real, nats_BxL, 0).sum(), "tokens": real.sum().astype(jnp.float32),
+          "byte_nats": jnp.where(nbytes_BxL > 0, nats_BxL, 0).sum(),
+          "bytes": nbytes_BxL.sum(), "aux_loss": aux["loss"]}
 
 
 def summarize_eval(sums: list[dict]) -> dict:
   tot = jax.tree.map(lambda *x: float(sum(x)), *sums)
-  return {"loss": tot["nats"] / tot["tokens"],
+  return {"loss": tot["nats"] / max(tot["tokens"], 1.0),
           "bits_per_byte": tot["byte_nats"] / (math.log(2) * max(tot["bytes"], 1.0)),
           "aux_loss": tot["aux_loss"] / len(sums)}

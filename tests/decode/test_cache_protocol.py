@@ -63,6 +63,9 @@ class ReversedKVCache:
     pad = ((0, 0), (max_len - self.max_len, 0), (0, 0), (0, 0))  # new slots in front
     return jax.tree.map(lambda x: jnp.pad(x, pad), self)
 
+  def release(self, rows_B):
+    return self
+
 
 @register("reversed_for_test")
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,9 @@ class ReversedSpec:
     shape = (rows, max_len, cfg.num_kv_heads, cfg.dim_per_head)
     zeros = tuple(jnp.zeros(shape, dtype or cfg.dtype) for _ in range(cfg.num_layers))
     return ReversedKVCache(zeros, zeros)
+
+  def check(self, cfg, rows, max_len):
+    pass
 
   def windows(self, prompt_width, total):
     """Three phases: every loop grows this cache twice."""

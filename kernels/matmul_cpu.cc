@@ -1,0 +1,267 @@
+// Decode-sized products y = x @ W on CPU, as an XLA FFI custom call.
+//
+//   layout 'km':  W [K, M],  y[n, m] = sum_k x[n, k] W[k, m]
+//   layout 'mk':  W [M, K],  y[n, m] = sum_k x[n, k] W[m, k]     (a tied unembedding)
+//
+// x [N, K] float32, W float32 or bfloat16, y [N, M] float32; accumulation in
+// float32 (a bfloat16 weight is widened exactly, in registers), by fused
+// multiply-adds (explicit in the scalar tails, so that a column computes the
+// same in every code path).
+//
+// Why a kernel: a decode step reads every weight once for its few rows, so it
+// is bound by the weight stream. XLA:CPU widens bfloat16 weights to float32
+// in a separate pass before its dot (reading 2 bytes, writing 4 and reading
+// them again per weight), and with several rows and no YNNPACK multiplies by
+// a transposed [M, K] weight far below the read rate. Here W is read once, in
+// place, for all N rows, in contiguous chunks of about `chunk_bytes` split
+// over the threads of XLA's intra-op pool:
+//
+//   'km': chunk c holds rows [k0, k1) of W and computes the partial product
+//         x[:, k0:k1] @ W[k0:k1, :], 8 rows of W a pass (the same columns of
+//         the next 8 rows prefetched); y is the sum of the chunks' partials,
+//         added in chunk order at the end;
+//   'mk': chunk c holds rows [m0, m1) of W and writes y[:, m0:m1]; 4 rows at a
+//         time stay in L1 while every row of x passes.
+//
+// The chunks depend on the shapes and `chunk_bytes` only, and every y[n, m]
+// is summed in the same order whatever the threads or the other rows of x:
+// results do not depend on the thread count or the batch. Chunks are claimed
+// from a counter by the calling thread and the pool tasks alike, so a busy
+// core delays only what it claimed and the call finishes even when no pool
+// thread is free; the state lives on the heap because a task may start after
+// the call returned.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// 16 floats and 16 bfloat16s, loaded unaligned (GCC/Clang vector extensions;
+// one AVX-512 register, or two AVX2 ones).
+typedef float V16 __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t U16x32 __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t B16 __attribute__((vector_size(32), aligned(2)));
+
+inline V16 Load(const float* p) { return *reinterpret_cast<const V16*>(p); }
+
+// bfloat16 is the high half of a float32: widen to 32 bits and shift.
+inline V16 Load(const uint16_t* p) {
+  U16x32 u = __builtin_convertvector(*reinterpret_cast<const B16*>(p), U16x32) << 16;
+  V16 f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline float Scalar(float w) { return w; }
+inline float Scalar(uint16_t w) {
+  uint32_t u = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline float Sum(V16 v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// 'km', Q rows of W a pass: out[r, i] += sum_{q < Q} s[r, q] W[q, i] for every row r of x
+// and column i < len. The Q x C weight vectors at columns i .. i + 16C are loaded
+// once for all rows; each row's Q scalars are broadcast once for the C vectors.
+// A row of W is a short stream for the hardware prefetchers, so the same
+// columns of the next pass's rows are prefetched while this pass runs.
+template <int Q, int C, typename W>
+void RowsPass(float* out, int64_t m, const float* s, int64_t k, int64_t rows, const W* w,
+              int64_t len, int64_t prefetch_rows) {
+  constexpr int64_t line = 64 / sizeof(W);  // weights per cache line
+  int64_t i = 0;
+  for (; i + 16 * C <= len; i += 16 * C) {
+    for (int64_t q = 0; q < prefetch_rows; ++q)
+      for (int64_t j = 0; j < 16 * C; j += line) __builtin_prefetch(w + (Q + q) * m + i + j, 0, 2);
+    V16 wv[Q][C];
+    for (int q = 0; q < Q; ++q)
+      for (int c = 0; c < C; ++c) wv[q][c] = Load(w + q * m + i + 16 * c);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = out + r * m + i;
+      const float* sr = s + r * k;
+      V16 acc[C];
+      for (int c = 0; c < C; ++c) acc[c] = Load(o + 16 * c);
+      for (int q = 0; q < Q; ++q) {
+        const float b = sr[q];
+        for (int c = 0; c < C; ++c) acc[c] += b * wv[q][c];
+      }
+      for (int c = 0; c < C; ++c) *reinterpret_cast<V16*>(o + 16 * c) = acc[c];
+    }
+  }
+  if constexpr (C > 1) {
+    if (i + 16 <= len) {
+      RowsPass<Q, 1>(out + i, m, s, k, rows, w + i, len - i, prefetch_rows);
+      return;
+    }
+  }
+  for (; i < len; ++i) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc = out[r * m + i];
+      for (int q = 0; q < Q; ++q) acc = std::fma(s[r * k + q], Scalar(w[q * m + i]), acc);
+      out[r * m + i] = acc;
+    }
+  }
+}
+
+// 'km' chunk: out[n, :] = x[n, k0:k1] @ W[k0:k1, :], 8 rows of W a pass.
+template <typename W>
+void ChunkKM(float* out, const float* x, const W* w, int64_t n, int64_t k, int64_t m,
+             int64_t k0, int64_t k1) {
+  std::fill(out, out + n * m, 0.0f);
+  int64_t c = k0;
+  for (; c + 8 <= k1; c += 8) {
+    RowsPass<8, 2>(out, m, x + c, k, n, w + c * m, m, std::min<int64_t>(8, k1 - c - 8));
+  }
+  for (; c < k1; ++c) RowsPass<1, 2>(out, m, x + c, k, n, w + c * m, m, 0);
+}
+
+// 'mk', J rows of W by R rows of x: y[r, m0 + j] = x[r, :] . W[m0 + j, :].
+template <int J, int R, typename W>
+void DotTile(float* y, int64_t m, const float* x, int64_t k, const W* w, int64_t m0,
+             bool prefetch) {
+  V16 acc[J][R];
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = V16{};
+  const W* wr = w + m0 * k;
+  int64_t d = 0;
+  for (; d + 16 <= k; d += 16) {
+    if (prefetch) {
+      for (int j = 0; j < J; ++j) __builtin_prefetch(wr + (J + j) * k + d, 0, 2);
+    }
+    V16 wv[J], xv[R];
+    for (int j = 0; j < J; ++j) wv[j] = Load(wr + j * k + d);
+    for (int r = 0; r < R; ++r) xv[r] = Load(x + r * k + d);
+    for (int j = 0; j < J; ++j)
+      for (int r = 0; r < R; ++r) acc[j][r] += wv[j] * xv[r];
+  }
+  for (int j = 0; j < J; ++j) {
+    for (int r = 0; r < R; ++r) {
+      float s = Sum(acc[j][r]);
+      for (int64_t t = d; t < k; ++t) s = std::fma(x[r * k + t], Scalar(wr[j * k + t]), s);
+      y[r * m + m0 + j] = s;
+    }
+  }
+}
+
+template <int J, typename W>
+void DotRows(float* y, int64_t m, const float* x, int64_t n, int64_t k, const W* w, int64_t m0,
+             bool prefetch) {
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4, prefetch = false)
+    DotTile<J, 4>(y + r * m, m, x + r * k, k, w, m0, prefetch);
+  switch (n - r) {
+    case 3: DotTile<J, 3>(y + r * m, m, x + r * k, k, w, m0, prefetch); break;
+    case 2: DotTile<J, 2>(y + r * m, m, x + r * k, k, w, m0, prefetch); break;
+    case 1: DotTile<J, 1>(y + r * m, m, x + r * k, k, w, m0, prefetch); break;
+    default: break;
+  }
+}
+
+// 'mk' chunk: y[:, m0:m1] = x @ W[m0:m1, :]^T, 4 rows of W a tile (they stay
+// in L1 while every row of x passes), the next 4 prefetched.
+template <typename W>
+void ChunkMK(float* y, const float* x, const W* w, int64_t n, int64_t k, int64_t m, int64_t m0,
+             int64_t m1) {
+  int64_t c = m0;
+  for (; c + 4 <= m1; c += 4) DotRows<4>(y, m, x, n, k, w, c, c + 8 <= m1);
+  for (; c < m1; ++c) DotRows<1>(y, m, x, n, k, w, c, false);
+}
+
+struct Shared {
+  const float* x;
+  const void* w;
+  bool bf16, mk;
+  int64_t n, k, m, chunks, chunk_len;
+  float* y;
+  std::unique_ptr<float[]> partial;  // 'km': chunks 1 .. chunks-1, [N, M] each
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+// Chunk c: rows [c * chunk_len, (c + 1) * chunk_len) of W.
+void RunChunk(Shared& s, int64_t c) {
+  const int64_t a = c * s.chunk_len, b = std::min(s.mk ? s.m : s.k, a + s.chunk_len);
+  if (s.mk) {
+    if (s.bf16) ChunkMK(s.y, s.x, static_cast<const uint16_t*>(s.w), s.n, s.k, s.m, a, b);
+    else ChunkMK(s.y, s.x, static_cast<const float*>(s.w), s.n, s.k, s.m, a, b);
+    return;
+  }
+  float* out = c == 0 ? s.y : s.partial.get() + (c - 1) * s.n * s.m;
+  if (s.bf16) ChunkKM(out, s.x, static_cast<const uint16_t*>(s.w), s.n, s.k, s.m, a, b);
+  else ChunkKM(out, s.x, static_cast<const float*>(s.w), s.n, s.k, s.m, a, b);
+}
+
+void Work(Shared& s) {
+  for (int64_t c; (c = s.next.fetch_add(1, std::memory_order_acq_rel)) < s.chunks;) {
+    RunChunk(s, c);
+    s.done.fetch_add(1, std::memory_order_acq_rel);
+  }
+}
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                      ffi::ResultBuffer<ffi::F32> y, bool transpose_w, int64_t threads,
+                      int64_t chunk_bytes) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) {
+    return ffi::Error::InvalidArgument("matmul: x [N, K] and a 2-D weight");
+  }
+  const bool bf16 = w.element_type() == ffi::DataType::BF16;
+  if (!bf16 && w.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("matmul: the weight must be float32 or bfloat16");
+  }
+  auto s = std::make_shared<Shared>();
+  s->x = x.typed_data();
+  s->w = w.untyped_data();
+  s->bf16 = bf16;
+  s->mk = transpose_w;
+  s->n = xd[0];
+  s->k = xd[1];
+  s->m = transpose_w ? wd[0] : wd[1];
+  if ((transpose_w ? wd[1] : wd[0]) != s->k) {
+    return ffi::Error::InvalidArgument("matmul: the weight's contraction size is not K");
+  }
+  s->y = y->typed_data();
+  // Chunks of about `chunk_bytes` of W, in whole 8-row passes ('km') or
+  // 4-row tiles ('mk'); at most a thread per chunk.
+  const int64_t len = transpose_w ? s->m : s->k, unit = transpose_w ? 4 : 8;
+  const int64_t row_bytes = static_cast<int64_t>(w.size_bytes()) / std::max<int64_t>(1, len);
+  s->chunk_len = std::max<int64_t>(unit, chunk_bytes / std::max<int64_t>(1, row_bytes) / unit * unit);
+  s->chunks = std::max<int64_t>(1, (len + s->chunk_len - 1) / s->chunk_len);
+  if (!transpose_w && s->chunks > 1) s->partial.reset(new float[(s->chunks - 1) * s->n * s->m]);
+  for (int64_t t = 1; t < std::min(std::max<int64_t>(1, threads), s->chunks); ++t) {
+    pool.Schedule([s] { Work(*s); });
+  }
+  Work(*s);
+  while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
+  for (int64_t c = 1; c < s->chunks && !transpose_w; ++c) {  // in chunk order
+    const float* p = s->partial.get() + (c - 1) * s->n * s->m;
+    for (int64_t i = 0; i < s->n * s->m; ++i) s->y[i] += p[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Matmul, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_w")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("chunk_bytes"));

@@ -1,0 +1,135 @@
+"""Paged decode attention on CPU (XLA FFI, C++): one query token per row over its pages.
+
+    o[b, h] = softmax([s_cache ; s_new]) [V_cache ; v_new],   s = scale * q[b, h] . k
+    over the row's tokens t < len_b (page table[b, t // S], slot t % S) and its own
+    new key/value (the cache protocol's step semantics, model/cache.py)
+
+PagedAttention (Kwon et al. 2023, arXiv 2309.06180 §4.1) on CPU: `paged_decode_attention`
+reads each row's valid tokens once, in place in the [K, P, S, E] pools (the layout of
+kernels/paged_attention.py), for the G query heads that share a kv head, split over
+the threads of XLA's intra-op pool (`kernels/paged_attention_cpu.cc` explains why and
+how). Plain XLA gathers every row's full table width into a copy first, a write and
+a second read of the cache per step (`paged_decode_attention_reference`, which the
+kernel is tested against). Slots at or past a row's length are never read: stale or
+NaN entries of free or half-filled pages cannot reach o.
+
+Built on first use like the other CPU kernels (kernels/cpu_build.py: the system C++
+compiler, jaxlib's FFI headers, `$MOELAB_KERNEL_CACHE`), with -ffast-math added so
+the exp of a page's scores vectorises; `available()` says whether it built.
+
+Shapes: B rows, H query heads, K kv heads, G = H / K, E head width (Ek keys and
+queries, Ev values), P pages, S page size, M pages per row, T = M * S.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from kernels.cpu_build import cache_dir, cpu_flags
+
+TARGET = "moelab_paged_attention_cpu"
+_SOURCE = pathlib.Path(__file__).with_name("paged_attention_cpu.cc")
+_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
+_BUILD_ERROR = ""
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+  """Builds (once per source, flags, jaxlib and CPU) and registers the kernel; None if
+  that fails (`_BUILD_ERROR` says why)."""
+  global _BUILD_ERROR
+  cxx = shutil.which(os.environ.get("CXX", "c++"))
+  if cxx is None:
+    _BUILD_ERROR = "no C++ compiler ($CXX or c++ on PATH)"
+    return None
+  key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + cxx.encode()
+                       + jaxlib.__version__.encode() + cpu_flags()).hexdigest()[:16]
+  lib = cache_dir() / f"paged_attention_cpu_{key}.so"
+  try:
+    if not lib.exists():
+      lib.parent.mkdir(parents=True, exist_ok=True)
+      with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # atomic: parallel builds race
+        out = pathlib.Path(tmp) / lib.name
+        cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+          _BUILD_ERROR = f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}"
+          return None
+        os.replace(out, lib)
+  except OSError as e:
+    _BUILD_ERROR = f"cannot write {lib} ({e}); set MOELAB_KERNEL_CACHE"
+    return None
+  so = ctypes.CDLL(str(lib))
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(so.PagedAttentionCpu), platform="cpu")
+  return so
+
+
+def build_error() -> str:
+  """Why the kernel is not available ('' if it is or was not tried)."""
+  _library()
+  return _BUILD_ERROR
+
+
+def available() -> bool:
+  """Whether `paged_decode_attention` can run: a CPU backend and a built kernel."""
+  return jax.default_backend() == "cpu" and _library() is not None
+
+
+def _cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def paged_decode_attention(q_BxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE, block_tables_BxM,
+                           lengths_B, k_new_BxKxE, v_new_BxKxE, *, scale=None, threads=None):
+  """o_BxHxE (Ev wide) of one query token per row; float32 only (see the module docstring).
+
+  threads: threads of XLA's intra-op pool the (row, kv head) tasks are split over
+  (None: this process's cores).
+  """
+  if not available():
+    raise RuntimeError(f"paged_attention_cpu kernel unavailable: "
+                       f"{build_error() or 'not the CPU backend'}")
+  b, h, e = q_BxHxE.shape
+  ev = v_pages_KxPxSxE.shape[-1]
+  scale = e ** -0.5 if scale is None else scale
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, h, ev), jnp.float32),
+                          vmap_method="sequential")
+  f32 = lambda x: x.astype(jnp.float32)
+  return call(f32(q_BxHxE), f32(k_pages_KxPxSxE), f32(v_pages_KxPxSxE),
+              block_tables_BxM.astype(jnp.int32), lengths_B.astype(jnp.int32),
+              f32(k_new_BxKxE), f32(v_new_BxKxE), threads=np.int64(threads or _cores()),
+              scale=np.float32(scale))
+
+
+def paged_decode_attention_reference(q_BxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE,
+                                     block_tables_BxM, lengths_B, k_new_BxKxE, v_new_BxKxE, *,
+                                     scale=None):
+  """Plain XLA: gather each row's pages, mask by length, one softmax with the new key."""
+  b, h, e = q_BxHxE.shape
+  k, p, s, _ = k_pages_KxPxSxE.shape
+  t = block_tables_BxM.shape[1] * s
+  tables = jnp.clip(block_tables_BxM, 0, p - 1)
+  valid_BxT = jnp.arange(t)[None] < jnp.clip(lengths_B, 0, t)[:, None]
+  gather = lambda x: jnp.where(valid_BxT[None, :, :, None],
+                               x[:, tables].reshape(k, b, t, x.shape[-1]), 0)
+  q = q_BxHxE.reshape(b, k, h // k, e).astype(jnp.float32)
+  scale = e ** -0.5 if scale is None else scale
+  s_cache = jnp.einsum("bkge,kbte->bkgt", q, gather(k_pages_KxPxSxE))
+  s_new = jnp.einsum("bkge,bke->bkg", q, k_new_BxKxE)[..., None]
+  s_all = jnp.concatenate([jnp.where(valid_BxT[:, None, None], s_cache, -jnp.inf), s_new], -1)
+  w = jax.nn.softmax(s_all * scale, axis=-1)
+  o = (jnp.einsum("bkgt,kbte->bkge", w[..., :t], gather(v_pages_KxPxSxE))
+       + w[..., t:] * v_new_BxKxE[:, :, None])
+  return o.reshape(b, h, -1).astype(q_BxHxE.dtype)

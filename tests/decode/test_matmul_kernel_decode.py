@@ -1,0 +1,78 @@
+"""Decode-step weight products in the C++ matrix kernel (kernels/matmul_cpu.py,
+decode/backend.py `matmul`): where 'auto' picks it, that the compiled loop
+calls it, and that it decodes the tokens of the XLA products."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decode import backend as backend_module
+from decode import processors as proc
+from decode.config import GenerationConfig
+from decode.generate import decode_fn, generate, plan_for
+from kernels import matmul_cpu
+from model.config import ModelConfig
+from model.params import cast_weights
+from model.transformer import Decoder
+
+CFG = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  ffn_dim=48, max_seq_len=64, tie_embeddings=True)
+PROMPTS = [[5, 7, 9, 11, 2], [3, 1, 4, 1, 5, 9, 2, 6], [8, 8, 1]]
+ON_CPU = jax.default_backend() == "cpu"
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = jax.jit(Decoder(CFG).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  return jax.tree.map(lambda x: x * 3.0 if x.ndim > 1 else x, p)  # peakier distributions
+
+
+def test_auto_picks_the_kernel_for_several_rows_and_bfloat16_on_one_device():
+  greedy, beam = GenerationConfig(), GenerationConfig(strategy="beam", num_beams=2)
+  picked = {(dtype, name, rows): backend_module.resolve(CFG.replace(dtype=dtype), gen, rows)
+            for dtype in ("float32", "bfloat16") for name, gen in (("greedy", greedy),
+                                                                  ("beam", beam))
+            for rows in (1, 4)}
+  if not ON_CPU:
+    assert {b.impl.matmul for b in picked.values()} == {"xla"}
+    return
+  for (dtype, name, rows), b in picked.items():
+    kernel = dtype == "bfloat16" or rows > 1 or name == "beam"
+    assert b.impl.matmul == ("cpu_kernel" if kernel else "xla"), (dtype, name, rows)
+    assert (b.impl.matmul_threads >= 1) == kernel
+    if kernel:  # its threads share every weight read: one device
+      assert b.num_devices == 1
+  assert backend_module.resolve(CFG, GenerationConfig(matmul_impl="xla"), 4).impl.matmul == "xla"
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the C++ matrix kernel runs on the CPU backend only")
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_kernel_decodes_the_tokens_of_the_xla_products(params, strategy):
+  gen = GenerationConfig(strategy=strategy, max_new_tokens=12, num_beams=2,
+                         num_return_sequences=2 if strategy == "beam" else 1, num_devices=1,
+                         matmul_impl="cpu_kernel", cache_growth=0)
+  plan = plan_for(CFG, gen, 8, len(PROMPTS))
+  assert plan.backend.impl.matmul == "cpu_kernel"
+  hlo = decode_fn(CFG, plan).lower(
+      params, jnp.ones((3, 8), jnp.int32), jnp.full((3,), 8, jnp.int32),
+      proc.SamplingParams.create(3), jax.random.split(jax.random.key(0), 3),
+      (np.float32(1.0), np.int32(1))).as_text()
+  assert f"@{matmul_cpu.TARGET}(" in hlo
+  kernel = generate(CFG, params, PROMPTS, gen)
+  xla = generate(CFG, params, PROMPTS, gen, matmul_impl="xla")
+  assert kernel.backend.impl.matmul == "cpu_kernel" and xla.backend.impl.matmul == "xla"
+  np.testing.assert_array_equal(kernel.tokens, xla.tokens)
+  np.testing.assert_allclose(kernel.logprobs, xla.logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the C++ matrix kernel runs on the CPU backend only")
+def test_bfloat16_weights_decode_alike(params):
+  """bfloat16 weights and activations: the kernel (float32 sums of the
+  bfloat16 operands) and XLA's products give the same greedy tokens here."""
+  cfg, p16 = CFG.replace(dtype="bfloat16"), cast_weights(params, "bfloat16")
+  gen = GenerationConfig(max_new_tokens=12, num_devices=1, cache_growth=0)
+  kernel = generate(cfg, p16, PROMPTS, gen)
+  xla = generate(cfg, p16, PROMPTS, gen, matmul_impl="xla")
+  assert kernel.backend.impl.matmul == "cpu_kernel"
+  np.testing.assert_array_equal(kernel.tokens, xla.tokens)

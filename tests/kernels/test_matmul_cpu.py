@@ -1,0 +1,86 @@
+"""The C++ CPU matrix kernel against its plain-XLA reference: both weight
+layouts, float32 and bfloat16 weights, sizes that are not multiples of its
+8-row passes, 32-column passes, 4-row tiles or 16-float vectors, and any
+number of threads (chunk_bytes=1 splits a product into chunks of 8 rows of W,
+'km', or 4, 'mk')."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import matmul_cpu
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
+                                reason="a CPU kernel: needs the CPU backend")
+
+SHAPES = [(1, 576, 200), (8, 64, 37), (5, 7, 130), (17, 100, 45)]
+
+
+def problem(n, k, m, transpose_w, dtype, seed=0):
+  kx, kw = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (n, k))
+  w = (jax.random.normal(kw, (m, k) if transpose_w else (k, m)) / np.sqrt(k)).astype(dtype)
+  return x, w
+
+
+_matmul = jax.jit(matmul_cpu.matmul, static_argnames=("transpose_w", "threads", "chunk_bytes"))
+
+
+def test_builds_on_cpu():
+  """The kernel compiles here (a C++ compiler is part of the CPU setup)."""
+  assert matmul_cpu.available(), matmul_cpu.build_error()
+
+
+@pytest.mark.parametrize("n,k,m", SHAPES)
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_equals_reference_and_is_independent_of_threads(n, k, m, transpose_w, dtype):
+  x, w = problem(n, k, m, transpose_w, dtype)
+  want = matmul_cpu.matmul_reference(x, w, transpose_w)
+  one = _matmul(x, w, transpose_w=transpose_w, threads=1, chunk_bytes=1)
+  np.testing.assert_allclose(one, want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(_matmul(x, w, transpose_w=transpose_w), want, rtol=2e-5, atol=2e-5)
+  # The same chunks summed in the same order, whichever thread ran them.
+  np.testing.assert_array_equal(_matmul(x, w, transpose_w=transpose_w, threads=3, chunk_bytes=1),
+                                one)
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_a_row_does_not_depend_on_the_other_rows(transpose_w):
+  """Row r of a 9-row product equals the 1-row product of row r, bit for bit."""
+  x, w = problem(9, 70, 90, transpose_w, jnp.bfloat16, seed=1)
+  rows = _matmul(x, w, transpose_w=transpose_w, threads=2, chunk_bytes=1)
+  for r in (0, 4, 8):
+    np.testing.assert_array_equal(
+        rows[r], _matmul(x[r:r + 1], w, transpose_w=transpose_w, threads=1, chunk_bytes=1)[0])
+
+
+def test_reference_is_the_float64_product():
+  x, w = problem(4, 33, 21, False, jnp.bfloat16, seed=2)
+  want = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
+  np.testing.assert_allclose(matmul_cpu.matmul_reference(x, w), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(matmul_cpu.matmul_reference(x, w.T, transpose_w=True), want,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_inside_while_loop_and_vmap():
+  """As a decode step uses it (inside a loop), and batched by vmap (sequential)."""
+  x, w = problem(4, 48, 48, False, jnp.float32, seed=3)
+  step = lambda f: lambda i, y: y + 0.1 * f(y, w)
+  loop = lambda f: jax.jit(lambda y: jax.lax.fori_loop(0, 3, step(f), y))
+  np.testing.assert_allclose(
+      loop(lambda y, w: matmul_cpu.matmul(y, w, threads=2, chunk_bytes=1))(x),
+      loop(matmul_cpu.matmul_reference)(x), rtol=1e-5, atol=1e-5)
+  xs = jnp.stack([x, 2 * x])
+  np.testing.assert_allclose(jax.vmap(lambda x: matmul_cpu.matmul(x, w, threads=2))(xs),
+                             jax.vmap(lambda x: matmul_cpu.matmul_reference(x, w))(xs),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_other_weight_dtypes_and_mismatched_sizes():
+  x, w = problem(2, 8, 4, False, jnp.float32)
+  with pytest.raises(ValueError, match="float32 or bfloat16"):
+    matmul_cpu.matmul(x, w.astype(jnp.float16))
+  with pytest.raises(ValueError, match="contraction"):
+    matmul_cpu.matmul(x, w, transpose_w=True)
