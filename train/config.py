@@ -14,7 +14,7 @@ import dataclasses
 import math
 
 from model.config import ModelConfig, from_mapping
-from train import tokenizer
+from train import tasks, tokenizer
 
 
 def _check(section, obj, positive=(), non_negative=(), unit=()):
@@ -45,16 +45,39 @@ def _ints(section, obj, fields):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+  """Corpus or synthetic task, tokenizer, sequence length, batch size.
+
+  tokenizer: 'bytes' or 'bpe:N' (a byte-level BPE of N ids trained on the
+    training split and kept in workdir/tokenizer.json; train/bpe.py).
+    model.vocab_size is not set for it: it must be >= N (a ValueError names it).
+  task: '' (the text corpus at `path`) or a synthetic task of train/tasks.py,
+    with its parameters task_* and needle_depth (documented there).
+  """
+
   path: str = ""
   val_percent: int = 5
   seq_len: int = 128
   batch_size: int = 16
+  tokenizer: str = "bytes"
+  task: str = ""
+  task_seed: int = 0
+  task_train_examples: int = 20000
+  task_val_examples: int = 512
+  task_digits: int = 3
+  task_scratchpad: bool = False
+  task_pairs: int = 8
+  needle_depth: float = 0.5
+  task_distractors: int = 0
+  task_shots: int = 4
+  task_json_fields: int = 3
 
   def __post_init__(self):
-    _ints("data", self, ("val_percent", "seq_len", "batch_size"))
-    _check("data", self, positive=("seq_len", "batch_size"))
+    _ints("data", self, ("val_percent", "seq_len", "batch_size", "task_seed"))
+    _check("data", self, positive=("seq_len", "batch_size"), non_negative=("task_seed",))
     if not 0 <= self.val_percent < 100:
       raise ValueError(f"data.val_percent: must be in [0, 100) (got {self.val_percent})")
+    tokenizer.vocab_size_of(self.tokenizer)  # ValueError naming data.tokenizer
+    tasks.check(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +164,15 @@ class RunConfig:
     if run.data.seq_len > run.model.max_seq_len:
       raise ValueError(f"data.seq_len: exceeds model.max_seq_len={run.model.max_seq_len} "
                        f"(got {run.data.seq_len})")
-    if run.model.vocab_size < tokenizer.VOCAB_SIZE:
-      raise ValueError(f"model.vocab_size: the byte tokenizer needs >= {tokenizer.VOCAB_SIZE} "
-                       f"(got {run.model.vocab_size})")
+    needed = tokenizer.vocab_size_of(run.data.tokenizer)
+    if run.model.vocab_size < needed:
+      raise ValueError(f"model.vocab_size: data.tokenizer={run.data.tokenizer!r} needs >= "
+                       f"{needed} (got {run.model.vocab_size})")
+    if run.data.task and run.data.tokenizer == "bytes":  # (a BPE's rows: checked at load)
+      prompt, answer = tasks.max_example_chars(run.data)
+      if prompt + answer + 1 > run.data.seq_len:
+        raise ValueError(f"data.seq_len: data.task={run.data.task!r} examples need up to "
+                         f"{prompt + answer + 1} tokens (got {run.data.seq_len})")
     if run.optimizer.warmup_steps >= run.train.steps:
       raise ValueError(f"optimizer.warmup_steps: must be < train.steps={run.train.steps} "
                        f"(got {run.optimizer.warmup_steps})")

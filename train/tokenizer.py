@@ -1,6 +1,9 @@
 """Byte-level tokenizer: ids 0..255 are the UTF-8 bytes, then BOS, EOS, PAD.
 
     encode("hé") == [104, 195, 169]          vocab size 259
+
+`data.tokenizer='bpe:N'` replaces it with a byte-level BPE (train/bpe.py)
+that keeps these ids: 0..255 are the single bytes, 256..258 BOS/EOS/PAD.
 """
 
 import numpy as np
@@ -28,3 +31,21 @@ def decode(ids) -> str:
 def is_byte(ids):
   """Mask of ids that are bytes (used to count bits per *byte*)."""
   return ids < 256
+
+
+def token_bytes() -> np.ndarray:
+  """Bytes each id covers, [VOCAB_SIZE] float32: 1 for a byte, 0 for BOS/EOS/PAD."""
+  return (np.arange(VOCAB_SIZE) < 256).astype(np.float32)
+
+
+def vocab_size_of(spec: str) -> int:
+  """Ids the `data.tokenizer` spec needs: 'bytes' -> 259, 'bpe:N' -> N (train/bpe.py)."""
+  if spec == "bytes":
+    return VOCAB_SIZE
+  n = spec.removeprefix("bpe:")
+  if spec.startswith("bpe:") and n.isdigit():
+    if int(n) < VOCAB_SIZE:
+      raise ValueError(f"data.tokenizer: a BPE needs >= {VOCAB_SIZE} ids (the 256 bytes, "
+                       f"BOS, EOS, PAD) (got {spec!r})")
+    return int(n)
+  raise ValueError(f"data.tokenizer: must be 'bytes' or 'bpe:N' (got {spec!r})")

@@ -17,6 +17,10 @@ saved, so the newest checkpoint stays the last good one. The loss is checked
 at log steps, where the metrics reach the host anyway (no extra sync per
 step), and the whole state right before every save.
 
+Throughput: every train row of metrics.jsonl (and the progress bar) has
+`flops_per_token` and, once timed, `tokens_per_s`, `flops_per_s` and on
+chips of train/flops.py's table `mfu` (model FLOPs, train/flops.py).
+
 Outputs in `workdir`: config.json, metrics.jsonl, tb/ (TensorBoard),
 checkpoints/ (Orbax + checksum manifests).
 """
@@ -32,7 +36,7 @@ from tqdm import tqdm
 
 from model.routing_losses import load_metrics
 from model.transformer import Decoder
-from train import checkpoint, data, optimizer, preemption
+from train import checkpoint, data, flops, optimizer, preemption, tasks
 from train import mesh as mesh_lib
 from train import workdir as workdir_lib
 from train import step as step_lib
@@ -58,10 +62,15 @@ def moe_metrics(stats, losses) -> dict:
   return out
 
 
-def evaluate(eval_fn, params, ds: data.Dataset, run: RunConfig) -> dict:
+def evaluate(eval_fn, params, ds: data.Dataset, run: RunConfig, predict_fn=None) -> dict:
+  """Eval loss and bits/byte; with a task (`predict_fn`), its `exact_match` (train/tasks.py)."""
   sums = [eval_fn(params, b) for b in
           data.val_batches(ds, run.train.eval_batches, run.data.batch_size)]
-  return step_lib.summarize_eval(sums)
+  out = step_lib.summarize_eval(sums)
+  if predict_fn is not None:
+    out["exact_match"] = tasks.exact_match_rate(predict_fn, params, data.val_task_batches(
+        ds, run.train.eval_batches, run.data.batch_size))
+  return out
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
@@ -96,7 +105,7 @@ def _diverged(what: str, step: int, ckpts: checkpoint.Checkpoints) -> Divergence
 def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | None,
                         progress: bool, notes: list[str]) -> dict:
   writes_files = jax.process_index() == 0  # one writer for the run's metrics and config
-  ds = data.load(run.data.path, run.data.seq_len, run.data.val_percent)
+  ds = data.load_run(run.data, workdir, write=writes_files)  # corpus or task; BPE in workdir
   logging.info("corpus: %d train files (%d tokens), %d val files", ds.num_train_files,
                ds.num_train_tokens, ds.num_val_files)
 
@@ -136,8 +145,12 @@ def _loop(run: RunConfig, mesh, ds, model, tx, state, state_shardings, ckpts, wr
           stop_after, progress) -> dict:
   train_step = step_lib.jit_train_step(
       model, tx, out_shardings=(state_shardings, mesh_lib.replicated(mesh)))
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model,
+                                      token_bytes_V=ds.token_bytes_V))
+  predict_fn = tasks.predict_fn(model) if ds.val_answer_WxL is not None else None
   tokens_per_step = run.data.batch_size * run.data.seq_len
+  flops_token = flops.flops_per_token(run.model, run.data.seq_len)  # train/flops.py
+  peak = flops.peak_flops(mesh.devices.flat[0].device_kind, run.model.dtype, mesh.devices.size)
   lr_schedule = optimizer.schedule(run.optimizer, run.train.steps)
   last = min(run.train.steps, stop_after) if stop_after is not None else run.train.steps
   summary = {"start_step": start, "interrupted": None}
@@ -176,15 +189,18 @@ def _loop(run: RunConfig, mesh, ds, model, tx, state, state_shardings, ckpts, wr
                  "tokens_per_s": steps_window * tokens_per_step / dt}
       else:
         rates = {}
+      rates.update(flops.throughput(flops_token, rates.get("tokens_per_s"), peak))
       scalars = {k: v for k, v in metrics.items() if k not in ("moe", "moe_losses")}
       if "moe" in metrics:
         scalars.update(moe_metrics(metrics["moe"], metrics["moe_losses"]))
       scalars["learning_rate"] = lr_schedule(step)
       writer.write(done, "train", {**scalars, **rates})
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rates.get('tokens_per_s', 0):.0f}")
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rates.get('tokens_per_s', 0):.0f}",
+                      flop_s=f"{rates.get('flops_per_s', 0):.3g}",
+                      **({"mfu": f"{rates['mfu']:.1%}"} if "mfu" in rates else {}))
       t_window, steps_window = time.perf_counter(), 0
     if done % run.train.eval_every == 0 or done == run.train.steps:
-      ev = evaluate(eval_fn, state.params, ds, run)
+      ev = evaluate(eval_fn, state.params, ds, run, predict_fn)
       writer.write(done, "eval", ev)
       summary["eval"] = ev
       logging.info("step %d eval %s", done, ev)
@@ -204,5 +220,6 @@ def _loop(run: RunConfig, mesh, ds, model, tx, state, state_shardings, ckpts, wr
   summary.update(final_step=int(state.step), compile_s=compile_s,
                  steps_per_s=timed_steps / train_s if train_s else None,
                  tokens_per_s=timed_steps * tokens_per_step / train_s if train_s else None)
+  summary.update(flops.throughput(flops_token, summary["tokens_per_s"], peak))
   summary["state"] = state
   return summary

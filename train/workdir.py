@@ -17,7 +17,8 @@ function is computed or bound:
   model.moe_kernel_threads  threads of the CPU expert kernel (where ModelConfig has it)
   model.max_seq_len      a bound on sequence length; no parameter depends on it
 plus `data.val_percent`: changing it would move validation files into the
-training set, so eval would no longer be held out.
+training set, so eval would no longer be held out; and `data.tokenizer`:
+the checkpoints' embedding rows mean the ids of the workdir's tokenizer.
 
 `config.json` is written atomically (temporary file + rename), so a run killed
 while writing it leaves the previous one.
@@ -30,7 +31,7 @@ import os
 from train.config import RunConfig
 
 HARMLESS_MODEL_FIELDS = ("dtype", "moe_ep_exchange", "moe_kernel_threads", "max_seq_len")
-REFUSED_OTHER_FIELDS = ("data.val_percent",)
+REFUSED_OTHER_FIELDS = ("data.val_percent", "data.tokenizer")
 
 
 class WorkdirConfigError(ValueError):
