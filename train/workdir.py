@@ -16,6 +16,11 @@ function is computed or bound:
   model.moe_ep_exchange  the all-to-all implementation of expert parallelism
   model.moe_kernel_threads  threads of the CPU expert kernel (where ModelConfig has it)
   model.max_seq_len      a bound on sequence length; no parameter depends on it
+  model.aux_*_coef, model.router_bias_update_rate, model.router_jitter_eps,
+  model.router_noise_std, model.router_init_scale
+                         the training objective and its noise (an ablation may
+                         continue a run with other weights), and an init scale
+                         a restored run never uses
 plus `data.val_percent`: changing it would move validation files into the
 training set, so eval would no longer be held out; and `data.tokenizer`:
 the checkpoints' embedding rows mean the ids of the workdir's tokenizer.
@@ -30,7 +35,10 @@ import os
 
 from train.config import RunConfig
 
-HARMLESS_MODEL_FIELDS = ("dtype", "moe_ep_exchange", "moe_kernel_threads", "max_seq_len")
+HARMLESS_MODEL_FIELDS = ("dtype", "moe_ep_exchange", "moe_kernel_threads", "max_seq_len",
+                         "aux_switch_coef", "aux_importance_coef", "aux_load_coef",
+                         "aux_z_coef", "aux_seq_coef", "router_bias_update_rate",
+                         "router_jitter_eps", "router_noise_std", "router_init_scale")
 REFUSED_OTHER_FIELDS = ("data.val_percent", "data.tokenizer")
 
 

@@ -61,13 +61,14 @@ def test_which_fields_may_change(copy_run):
   config, work, _ = copy_run
   stored = RunConfig.from_config(config)
   harmless = stored.to_dict()
-  harmless["model"].update(dtype="bfloat16", max_seq_len=512)
+  harmless["model"].update(dtype="bfloat16", max_seq_len=512, aux_importance_coef=0.5,
+                           aux_z_coef=1e-2)
   harmless["mesh"]["expert"] = 2
   harmless["data"].update(batch_size=8, seq_len=16)
   harmless["train"].update(seed=3, steps=9)
   harmless["optimizer"]["learning_rate"] = 1e-3
   notes = workdir_lib.check_config(str(work), RunConfig.from_config(harmless))
-  assert len(notes) == 8 and any("batches from here on differ" in n for n in notes)
+  assert len(notes) == 10 and any("batches from here on differ" in n for n in notes)
   assert any(n.startswith("train.steps: 6 -> 9 (the warmup + cosine learning-rate schedule "
                           "is recomputed") for n in notes)
   assert "optimizer.learning_rate: 0.003 -> 0.001" in " ".join(notes)
