@@ -13,23 +13,27 @@
 // in a separate pass before its dot (reading 2 bytes, writing 4 and reading
 // them again per weight), and with several rows and no YNNPACK multiplies by
 // a transposed [M, K] weight far below the read rate. Here W is read once, in
-// place, for all N rows, in contiguous chunks of about `chunk_bytes` split
-// over the threads of XLA's intra-op pool:
+// place, for all N rows. Both layouts split the output columns m into chunks
+// of about `chunk_bytes` of W, claimed by the threads of XLA's intra-op pool;
+// a chunk writes its own columns of y, so there are no partial sums to add:
 //
-//   'km': chunk c holds rows [k0, k1) of W and computes the partial product
-//         x[:, k0:k1] @ W[k0:k1, :], 8 rows of W a pass (the same columns of
-//         the next 8 rows prefetched); y is the sum of the chunks' partials,
-//         added in chunk order at the end;
+//   'km': chunk c holds columns [m0, m1) of W (a block of K row segments) and
+//         computes y[:, m0:m1] = x @ W[:, m0:m1], 8 rows of W a pass over the
+//         block's columns (the same columns of the next 8 rows prefetched);
+//         the block is at most OUT_TILE_BYTES / (4 N) columns wide, so the
+//         y[:, m0:m1] that each pass loads and stores stays in L1;
 //   'mk': chunk c holds rows [m0, m1) of W and writes y[:, m0:m1]; 4 rows at a
-//         time stay in L1 while every row of x passes.
+//         time stay in L1 while every row of x passes, and the 4 x R dot
+//         products' vectors are summed across lanes together (`LaneSums`).
 //
-// The chunks depend on the shapes and `chunk_bytes` only, and every y[n, m]
-// is summed in the same order whatever the threads or the other rows of x:
-// results do not depend on the thread count or the batch. Chunks are claimed
-// from a counter by the calling thread and the pool tasks alike, so a busy
-// core delays only what it claimed and the call finishes even when no pool
-// thread is free; the state lives on the heap because a task may start after
-// the call returned.
+// Every y[n, m] is summed in one order that depends on K alone (k ascending
+// in 'km'; 16-lane partial sums over k, then a fixed tree across lanes, then
+// the K % 16 tail in 'mk'), whatever the chunks, the threads or the other rows
+// of x: results do not depend on the thread count, `chunk_bytes` or the batch.
+// Chunks are claimed from a counter by the calling thread and the pool tasks
+// alike, so a busy core delays only what it claimed and the call finishes
+// even when no pool thread is free; the state lives on the heap because a
+// task may start after the call returned.
 
 #include <algorithm>
 #include <atomic>
@@ -51,6 +55,9 @@ typedef float V16 __attribute__((vector_size(64), aligned(4)));
 typedef uint32_t U16x32 __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t B16 __attribute__((vector_size(32), aligned(2)));
 
+// 'km': widest y[:, m0:m1] block (bytes) a chunk updates per pass (L1-resident).
+constexpr int64_t OUT_TILE_BYTES = 16 << 10;
+
 inline V16 Load(const float* p) { return *reinterpret_cast<const V16*>(p); }
 
 // bfloat16 is the high half of a float32: widen to 32 bits and shift.
@@ -69,10 +76,47 @@ inline float Scalar(uint16_t w) {
   return f;
 }
 
-inline float Sum(V16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
+// One level of a lane-sum tree over two vectors: in blocks of W lanes, a's and
+// b's blocks alternate, each the sum of the two halves of one of their 2W-lane
+// blocks (indices: block g = i / W takes a (g even) or b at 2W (g / 2) + i % W).
+template <int W>
+V16 Fold(V16 a, V16 b);
+template <>
+inline V16 Fold<8>(V16 a, V16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                 31);
+}
+template <>
+inline V16 Fold<4>(V16 a, V16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+template <>
+inline V16 Fold<2>(V16 a, V16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+template <>
+inline V16 Fold<1>(V16 a, V16 b) {
+  return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+// sums[j] = the 16 lanes of v[j] summed, j < count <= 16, by the same tree
+// for every j (lane i + 8 first, then + 4, + 2, + 1); after four levels of
+// `Fold` lane i holds the sum of v[bit-reversed i].
+inline void LaneSums(const V16* v, int count, float* sums) {
+  V16 a[16];
+  for (int j = 0; j < 16; ++j) a[j] = j < count ? v[j] : V16{};
+  for (int j = 0; j < 8; ++j) a[j] = Fold<8>(a[2 * j], a[2 * j + 1]);
+  for (int j = 0; j < 4; ++j) a[j] = Fold<4>(a[2 * j], a[2 * j + 1]);
+  for (int j = 0; j < 2; ++j) a[j] = Fold<2>(a[2 * j], a[2 * j + 1]);
+  const V16 all = Fold<1>(a[0], a[1]);
+  for (int j = 0; j < count; ++j) {
+    const int r = ((j & 1) << 3) | ((j & 2) << 1) | ((j & 4) >> 1) | ((j & 8) >> 3);
+    sums[j] = all[r];
+  }
 }
 
 // 'km', Q rows of W a pass: out[r, i] += sum_{q < Q} s[r, q] W[q, i] for every row r of x
@@ -118,16 +162,17 @@ void RowsPass(float* out, int64_t m, const float* s, int64_t k, int64_t rows, co
   }
 }
 
-// 'km' chunk: out[n, :] = x[n, k0:k1] @ W[k0:k1, :], 8 rows of W a pass.
+// 'km' chunk: y[:, m0:m1] = x @ W[:, m0:m1], 8 rows of W a pass.
 template <typename W>
-void ChunkKM(float* out, const float* x, const W* w, int64_t n, int64_t k, int64_t m,
-             int64_t k0, int64_t k1) {
-  std::fill(out, out + n * m, 0.0f);
-  int64_t c = k0;
-  for (; c + 8 <= k1; c += 8) {
-    RowsPass<8, 2>(out, m, x + c, k, n, w + c * m, m, std::min<int64_t>(8, k1 - c - 8));
+void ChunkKM(float* y, const float* x, const W* w, int64_t n, int64_t k, int64_t m,
+             int64_t m0, int64_t m1) {
+  for (int64_t r = 0; r < n; ++r) std::fill(y + r * m + m0, y + r * m + m1, 0.0f);
+  int64_t c = 0;
+  for (; c + 8 <= k; c += 8) {
+    RowsPass<8, 2>(y + m0, m, x + c, k, n, w + c * m + m0, m1 - m0,
+                   std::min<int64_t>(8, k - c - 8));
   }
-  for (; c < k1; ++c) RowsPass<1, 2>(out, m, x + c, k, n, w + c * m, m, 0);
+  for (; c < k; ++c) RowsPass<1, 2>(y + m0, m, x + c, k, n, w + c * m + m0, m1 - m0, 0);
 }
 
 // 'mk', J rows of W by R rows of x: y[r, m0 + j] = x[r, :] . W[m0 + j, :].
@@ -149,9 +194,11 @@ void DotTile(float* y, int64_t m, const float* x, int64_t k, const W* w, int64_t
     for (int j = 0; j < J; ++j)
       for (int r = 0; r < R; ++r) acc[j][r] += wv[j] * xv[r];
   }
+  float sums[J * R];
+  LaneSums(&acc[0][0], J * R, sums);
   for (int j = 0; j < J; ++j) {
     for (int r = 0; r < R; ++r) {
-      float s = Sum(acc[j][r]);
+      float s = sums[j * R + r];
       for (int64_t t = d; t < k; ++t) s = std::fma(x[r * k + t], Scalar(wr[j * k + t]), s);
       y[r * m + m0 + j] = s;
     }
@@ -188,21 +235,19 @@ struct Shared {
   bool bf16, mk;
   int64_t n, k, m, chunks, chunk_len;
   float* y;
-  std::unique_ptr<float[]> partial;  // 'km': chunks 1 .. chunks-1, [N, M] each
   std::atomic<int64_t> next{0}, done{0};
 };
 
-// Chunk c: rows [c * chunk_len, (c + 1) * chunk_len) of W.
+// Chunk c: output columns [c * chunk_len, (c + 1) * chunk_len).
 void RunChunk(Shared& s, int64_t c) {
-  const int64_t a = c * s.chunk_len, b = std::min(s.mk ? s.m : s.k, a + s.chunk_len);
+  const int64_t a = c * s.chunk_len, b = std::min(s.m, a + s.chunk_len);
   if (s.mk) {
     if (s.bf16) ChunkMK(s.y, s.x, static_cast<const uint16_t*>(s.w), s.n, s.k, s.m, a, b);
     else ChunkMK(s.y, s.x, static_cast<const float*>(s.w), s.n, s.k, s.m, a, b);
-    return;
+  } else {
+    if (s.bf16) ChunkKM(s.y, s.x, static_cast<const uint16_t*>(s.w), s.n, s.k, s.m, a, b);
+    else ChunkKM(s.y, s.x, static_cast<const float*>(s.w), s.n, s.k, s.m, a, b);
   }
-  float* out = c == 0 ? s.y : s.partial.get() + (c - 1) * s.n * s.m;
-  if (s.bf16) ChunkKM(out, s.x, static_cast<const uint16_t*>(s.w), s.n, s.k, s.m, a, b);
-  else ChunkKM(out, s.x, static_cast<const float*>(s.w), s.n, s.k, s.m, a, b);
 }
 
 void Work(Shared& s) {
@@ -235,22 +280,28 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
     return ffi::Error::InvalidArgument("matmul: the weight's contraction size is not K");
   }
   s->y = y->typed_data();
-  // Chunks of about `chunk_bytes` of W, in whole 8-row passes ('km') or
-  // 4-row tiles ('mk'); at most a thread per chunk.
-  const int64_t len = transpose_w ? s->m : s->k, unit = transpose_w ? 4 : 8;
-  const int64_t row_bytes = static_cast<int64_t>(w.size_bytes()) / std::max<int64_t>(1, len);
-  s->chunk_len = std::max<int64_t>(unit, chunk_bytes / std::max<int64_t>(1, row_bytes) / unit * unit);
-  s->chunks = std::max<int64_t>(1, (len + s->chunk_len - 1) / s->chunk_len);
-  if (!transpose_w && s->chunks > 1) s->partial.reset(new float[(s->chunks - 1) * s->n * s->m]);
-  for (int64_t t = 1; t < std::min(std::max<int64_t>(1, threads), s->chunks); ++t) {
+  // Chunks of about `chunk_bytes` of W, their count rounded up to a multiple
+  // of the threads (they finish together), in whole units: 4-row tiles ('mk')
+  // or 32-column passes ('km', at most OUT_TILE_BYTES of y wide). The chunks
+  // decide no sum's order, so they may depend on the threads. A product
+  // of at most `chunk_bytes` runs on the calling thread alone.
+  threads = std::max<int64_t>(1, threads);
+  const int64_t unit = transpose_w ? 4 : 32, units = (s->m + unit - 1) / unit;
+  const int64_t bytes = static_cast<int64_t>(w.size_bytes());
+  int64_t chunks = (bytes + chunk_bytes - 1) / std::max<int64_t>(1, chunk_bytes);
+  if (chunks > 1) chunks = (chunks + threads - 1) / threads * threads;
+  int64_t per = (units + std::max<int64_t>(1, chunks) - 1) / std::max<int64_t>(1, chunks);
+  if (!transpose_w) {
+    const int64_t tile_units = OUT_TILE_BYTES / (4 * unit * std::max<int64_t>(1, s->n));
+    per = std::min(per, std::max<int64_t>(1, tile_units));
+  }
+  s->chunk_len = std::max<int64_t>(1, per) * unit;
+  s->chunks = (s->m + s->chunk_len - 1) / s->chunk_len;
+  for (int64_t t = 1; t < std::min(threads, s->chunks); ++t) {
     pool.Schedule([s] { Work(*s); });
   }
   Work(*s);
   while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
-  for (int64_t c = 1; c < s->chunks && !transpose_w; ++c) {  // in chunk order
-    const float* p = s->partial.get() + (c - 1) * s->n * s->m;
-    for (int64_t i = 0; i < s->n * s->m; ++i) s->y[i] += p[i];
-  }
   return ffi::Error::Success();
 }
 

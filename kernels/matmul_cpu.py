@@ -47,7 +47,8 @@ def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
   """y_NxM float32 (see the module docstring); x is taken as float32.
 
   threads: threads of XLA's intra-op pool that share W's read, in chunks
-  of about `chunk_bytes` (the result depends on the chunks, not the threads).
+  of about `chunk_bytes` of its output columns (the result depends on
+  neither: every sum runs in one order, kernels/matmul_cpu.cc).
   """
   if not available():
     raise RuntimeError(f"matmul_cpu kernel unavailable: {build_error() or 'not the CPU backend'}")

@@ -1,8 +1,8 @@
 """The C++ CPU matrix kernel against its plain-XLA reference: both weight
 layouts, float32 and bfloat16 weights, sizes that are not multiples of its
 8-row passes, 32-column passes, 4-row tiles or 16-float vectors, and any
-number of threads (chunk_bytes=1 splits a product into chunks of 8 rows of W,
-'km', or 4, 'mk')."""
+number of threads (chunk_bytes=1 splits a product's output columns into
+chunks of 32 columns of W, 'km', or 4 rows, 'mk')."""
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +41,10 @@ def test_equals_reference_and_is_independent_of_threads(n, k, m, transpose_w, dt
   one = _matmul(x, w, transpose_w=transpose_w, threads=1, chunk_bytes=1)
   np.testing.assert_allclose(one, want, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(_matmul(x, w, transpose_w=transpose_w), want, rtol=2e-5, atol=2e-5)
-  # The same chunks summed in the same order, whichever thread ran them.
+  # Every sum in one order, whichever chunks and threads ran it.
   np.testing.assert_array_equal(_matmul(x, w, transpose_w=transpose_w, threads=3, chunk_bytes=1),
                                 one)
+  np.testing.assert_array_equal(_matmul(x, w, transpose_w=transpose_w, threads=2), one)
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])
