@@ -8,8 +8,10 @@ model, the loops) never asks which backend it is on; the CPU variants live
 beside their references and are chosen only here. `GenerateOutput.backend`
 records the choice.
 
-    attention  auto: 'cpu' (block-diagonal cached attention) on the CPU backend,
-               'xla' (grouped) elsewhere
+    attention  auto: 'pallas' on GPU / TPU with a paged cache whose shapes the kernel
+               takes, else 'cpu' (block-diagonal cached attention) on the CPU backend
+               and 'xla' (grouped) elsewhere; 'pallas' runs the platform's Pallas kernel,
+               on CPU the Triton one in interpret mode (`resolve_attention`)
     moe        auto: on CPU, sparse float32 MoE runs decode steps in the C++ expert
                kernel ('cpu_kernel') when it builds, else the expert loop ('cpu');
                'xla' elsewhere
@@ -41,8 +43,10 @@ import numpy as np
 from decode import data_parallel
 from decode.config import GenerationConfig
 from kernels import matmul_cpu, moe_cpu
+from model.cache import CACHE_KINDS
 from model.config import ModelConfig
 from model.impl import ModelImpl, resolve_mla
+from model.paged_cache import PagedSpec
 
 # XLA:CPU debug options (decode loops only). Region-analysis copy insertion
 # proves the step's cache read precedes its in-place write and inserts no
@@ -68,7 +72,9 @@ class Backend:
 
   def describe(self) -> str:
     opts = ", ".join(f"{k}={v!r}" for k, v in self.compiler_options) or "none"
-    return (f"backend={self.platform} attention={self.impl.attention} moe={self.impl.moe}"
+    kernel = self.impl.attention_kernel + " interpret" * self.impl.interpret
+    return (f"backend={self.platform} attention={self.impl.attention}"
+            f"{f' ({kernel})' if kernel else ''} moe={self.impl.moe}"
             f"{f' ({self.impl.moe_threads} threads)' if self.impl.moe_threads else ''} "
             f"mla={self.impl.mla} matmul={self.impl.matmul}"
             f"{f' ({self.impl.matmul_threads} threads)' if self.impl.matmul_threads else ''} "
@@ -89,9 +95,6 @@ def resolve(cfg: ModelConfig, gen: GenerationConfig, num_rows: int) -> Backend:
   if num_rows % devices:
     raise ValueError(f"generation.num_devices: {devices} must divide the {num_rows} rows "
                      "(prompts for beam search)")
-  attention = gen.attention_impl
-  if attention == "auto":
-    attention = "cpu" if on_cpu else "xla"
   moe = gen.moe_impl
   kernel_ok = (on_cpu and cfg.num_experts > 0 and cfg.moe_mode == "sparse"
                and cfg.dtype == "float32" and moe_cpu.available())
@@ -106,11 +109,46 @@ def resolve(cfg: ModelConfig, gen: GenerationConfig, num_rows: int) -> Backend:
   # XLA:CPU widens a bfloat16 cache to float32 around every write and every
   # attention product of a step; a float32 cache holds the same values.
   cache_dtype = "float32" if on_cpu and cfg.dtype == "bfloat16" else None
+  attention, kernel, interpret = resolve_attention(cfg, gen, platform, cache_dtype)
   return Backend(platform=platform,
                  impl=ModelImpl(attention, moe, threads, resolve_mla(gen.mla_impl), matmul,
-                                matmul_threads),
+                                matmul_threads, attention_kernel=kernel, interpret=interpret),
                  num_devices=devices, compiler_options=tuple(sorted(options.items())),
                  cache_dtype=cache_dtype)
+
+
+# The Pallas kernel of each platform (kernels/paged_attention.py's impl); on others
+# (CPU) the Triton one runs in Pallas interpret mode, the faster of the two there.
+PALLAS_KERNEL = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+
+
+def resolve_attention(cfg: ModelConfig, gen: GenerationConfig, platform: str,
+                      cache_dtype: str | None = None) -> tuple[str, str, bool]:
+  """GenerationConfig.attention_impl -> ModelImpl (attention, attention_kernel, interpret).
+
+  'pallas' needs a paged cache (the kernels read its pages) and shapes the kernel
+  takes; else a ValueError naming the field, before anything compiles.
+  """
+  spec = CACHE_KINDS[gen.kv_cache].from_config(gen)
+  paged = isinstance(spec, PagedSpec)
+  kernel, interpret = PALLAS_KERNEL.get(platform, "gpu"), platform not in PALLAS_KERNEL
+  dtype = cache_dtype or cfg.dtype
+  if gen.attention_impl == "auto":
+    if (not interpret and paged
+        and not spec.kernel_error(cfg, dtype, kernel, interpret=False)):
+      return "pallas", kernel, False
+    return ("cpu" if platform == "cpu" else "xla"), "", False
+  if gen.attention_impl != "pallas":
+    return gen.attention_impl, "", False
+  if not paged:
+    raise ValueError(f"generation.attention_impl: 'pallas' attends over the pages of the paged "
+                     f"cache; kv_cache={gen.kv_cache!r} has none (use kv_cache='paged', or "
+                     "attention_impl='xla')")
+  why = spec.kernel_error(cfg, dtype, kernel, interpret)
+  if why:
+    raise ValueError(f"generation.attention_impl: 'pallas' cannot run this model's decode "
+                     f"steps (the {kernel} kernel, page_size={spec.page_size}, {dtype}): {why}")
+  return "pallas", kernel, interpret
 
 
 def resolve_matmul(cfg: ModelConfig, choice: str, step_rows: int) -> str:
@@ -118,8 +156,11 @@ def resolve_matmul(cfg: ModelConfig, choice: str, step_rows: int) -> str:
 
   'auto' is the C++ kernel on CPU when it builds, for bfloat16 weights (XLA:CPU
   widens them in a pass of their own) and for float32 steps of several rows
-  (XLA:CPU's 1-row product is as fast); else XLA. 'cpu_kernel' where it cannot
-  run is an error.
+  (one device reading each weight once beats two devices that each read all of
+  it); a 1-row float32 step stays XLA, whose matrix-vector product reads as
+  fast on weights past the cache (SmolLM2) and runs faster on weights that fit
+  in it (the toy models: the kernel's per-call cost dominates, ~1.8x slower;
+  docs/performance.md). 'cpu_kernel' where it cannot run is an error.
   """
   ok = (jax.default_backend() == "cpu" and cfg.dtype in ("float32", "bfloat16")
         and matmul_cpu.available())

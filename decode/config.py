@@ -63,7 +63,8 @@ class GenerationConfig:
     num_pages: pages of the paged cache; each of the num_devices devices gets a pool
       of num_pages // num_devices for its rows. 0 sizes each pool to the worst case
       of its rows (every row at its longest, nothing shared).
-    attention_impl: 'auto' | 'xla' | 'cpu' (decode/backend.py).
+    attention_impl: 'auto' | 'xla' | 'cpu' | 'pallas': decode attention (decode/backend.py;
+      'pallas', the Pallas kernels over a paged cache, needs kv_cache='paged').
     moe_impl: 'auto' | 'xla' | 'cpu' | 'cpu_kernel' (decode/backend.py).
     mla_impl: 'auto' (= 'absorbed') | 'absorbed' | 'expanded': MLA decode steps
       over the latent cache or over per-head K/V (model/mla.py).

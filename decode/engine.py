@@ -144,7 +144,8 @@ class Engine:
     active = sorted({a for g in gens for a in active_processors(g)},
                     key=proc.PROCESSORS.index)
     self.stop_width = max(1, max(len(g.eos_token_id) for g in gens))
-    gen0 = GenerationConfig(attention_impl=attention_impl, moe_impl=moe_impl, num_devices=1)
+    gen0 = GenerationConfig(attention_impl=attention_impl, moe_impl=moe_impl, num_devices=1,
+                            kv_cache="paged", page_size=page_size)
     self.backend = backend_lib.resolve(cfg, gen0, max_batch)
     self.params = params
     self._prefill, self._decode = engine_steps.programs(

@@ -84,7 +84,10 @@ _MODELS = flags.DEFINE_list("models", ["llama", "mixtral"], "Architectures (llam
 _NO_CACHE = flags.DEFINE_bool("no_cache", True, "Run the no-cache recompute baseline.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows here.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timed rounds of both sides.")
-_ATTENTION = flags.DEFINE_string("attention_impl", "auto", "moelab attention (decode/backend.py).")
+_ATTENTION = flags.DEFINE_string(
+    "attention_impl", "auto", "moelab attention: auto | xla | cpu | pallas (decode/backend.py; "
+    "pallas needs --kv_cache=paged).")
+_KV_CACHE = flags.DEFINE_string("kv_cache", "contiguous", "moelab cache: contiguous | paged.")
 _MOE = flags.DEFINE_string("moe_impl", "auto", "moelab MoE decode steps (decode/backend.py).")
 _MATMUL = flags.DEFINE_string("matmul_impl", "auto", "moelab weight products (decode/backend.py).")
 _MODEL = flags.DEFINE_string("model", None, "A registered pretrained model (model/pretrained.py) "
@@ -97,7 +100,8 @@ ARCH = dict(vocab_size=260, hidden_size=256, intermediate_size=512, num_hidden_l
 
 
 def impl_flags() -> dict:
-  return dict(attention_impl=_ATTENTION.value, moe_impl=_MOE.value, matmul_impl=_MATMUL.value)
+  return dict(attention_impl=_ATTENTION.value, moe_impl=_MOE.value, matmul_impl=_MATMUL.value,
+              kv_cache=_KV_CACHE.value)
 
 
 # DeepseekV3 with MLA in every block and dense FFNs: ARCH's widths, a KV latent of

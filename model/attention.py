@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from model.cache import attend_update
 from model.config import ModelConfig
 from model.ffn import fan_in_init
 from model.impl import ModelImpl
@@ -183,10 +184,10 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD, positions_BxL, cache: Optional[Any] = None, layer: int = 0,
                fresh: bool = False):
     q, k, v = self.qkv(x_BxLxD, positions_BxL)
-    if cache is None or fresh:
-      o = attend(q, k, v, causal_mask(positions_BxL, positions_BxL))
-    else:  # reads the cache before the write
-      o = cache.attend(layer, q, k, v, positions_BxL, self.impl.attention)
+    if cache is not None and not fresh:  # attend (reading the cache) and write
+      o, cache = attend_update(cache, layer, q, k, v, positions_BxL, self.impl)
+      return self.out(o), cache
+    o = attend(q, k, v, causal_mask(positions_BxL, positions_BxL))
     if cache is not None:
       cache = cache.update(layer, k, v, positions_BxL)
     return self.out(o), cache

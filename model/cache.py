@@ -32,7 +32,11 @@ Cache (a pytree carried by the loops):
 
 `impl` names the attention implementation (model/impl.py) chosen by
 decode/backend.py. `attend` must read before `update` writes: the write is
-then the buffer's only consumer and XLA does it in place.
+then the buffer's only consumer and XLA does it in place. The model makes
+both calls through `attend_update(cache, ...)` below, so a cache may define
+`attend_update` (and `attend_update_latent`) to do both its own way: the paged
+cache's Pallas decode step writes first and then reads the pages in place
+(model/paged_cache.py); these take the whole `ModelImpl`.
 
 CacheSpec (static and hashable: part of what a decode loop compiles for):
 
@@ -74,6 +78,27 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 CACHE_KINDS: dict[str, type] = {}
+
+
+def attend_update(cache, layer: int, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxL, impl):
+  """(o_BxLxHxE, cache after block `layer`'s write): the cache's own `attend_update`
+  where it has one, else `attend` then `update`. impl: the ModelImpl."""
+  if hasattr(type(cache), "attend_update"):
+    return cache.attend_update(layer, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxL, impl)
+  o_BxLxHxE = cache.attend(layer, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxL,
+                           impl.attention)
+  return o_BxLxHxE, cache.update(layer, k_BxLxKxE, v_BxLxKxE, positions_BxL)
+
+
+def attend_update_latent(cache, layer: int, q_latent_BxLxHxC, q_rope_BxLxHxR, w_BxLxW,
+                         positions_BxL, scale: float, impl):
+  """`attend_update` for the latent variant: (o_latent_BxLxHxC, cache)."""
+  if hasattr(type(cache), "attend_update_latent"):
+    return cache.attend_update_latent(layer, q_latent_BxLxHxC, q_rope_BxLxHxR, w_BxLxW,
+                                      positions_BxL, scale, impl)
+  o_BxLxHxC = cache.attend_latent(layer, q_latent_BxLxHxC, q_rope_BxLxHxR, w_BxLxW,
+                                  positions_BxL, scale, impl.attention)
+  return o_BxLxHxC, cache.update_latent(layer, w_BxLxW, positions_BxL)
 
 
 def register(name: str):

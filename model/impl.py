@@ -7,6 +7,12 @@ uses the defaults, the plain XLA forms that run well on every backend.
 
     attention  'xla'   grouped attention over the cache (`attention.attend_cached`)
                'cpu'   its block-diagonal form, which XLA:CPU runs faster
+               'pallas'  one-token decode steps of the paged cache in the Pallas kernels
+                         (kernels/paged_attention.py, kernels/mla_attention.py; through
+                         model/paged_cache.py), multi-token steps as 'xla'
+    attention_kernel  'pallas' only: the kernel, 'gpu' (Triton) or 'tpu' (Mosaic TPU)
+    interpret  'pallas' only: that kernel in Pallas interpret mode, so it runs on a CPU
+               (decode/backend.py sets it from the platform)
     moe        'xla'   dropless steps sort by expert + grouped matmul at every size
                'cpu'   decode-sized steps loop over the chosen experts (`dispatch.py`)
                'cpu_kernel'  decode-sized steps in the C++ expert kernel (kernels/moe_cpu.py)
@@ -32,7 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 
-ATTENTION_IMPLS = ("xla", "cpu")
+ATTENTION_IMPLS = ("xla", "cpu", "pallas")
+PALLAS_KERNELS = ("gpu", "tpu")
 MOE_IMPLS = ("xla", "cpu", "cpu_kernel")
 MLA_IMPLS = ("absorbed", "expanded")
 MATMUL_IMPLS = ("xla", "cpu_kernel")
@@ -53,6 +60,8 @@ class ModelImpl:
   matmul: str = "xla"
   matmul_threads: int = 0
   remat: str = "none"
+  attention_kernel: str = ""
+  interpret: bool = False
 
   def __post_init__(self):
     if self.mla not in MLA_IMPLS:
@@ -60,6 +69,12 @@ class ModelImpl:
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"impl.attention: must be one of {ATTENTION_IMPLS} "
                        f"(got {self.attention!r})")
+    pallas = self.attention == "pallas"
+    if pallas != (self.attention_kernel in PALLAS_KERNELS) or (self.interpret and not pallas):
+      raise ValueError(f"impl.attention_kernel, impl.interpret: a kernel of {PALLAS_KERNELS} "
+                       "exactly when attention='pallas', interpret only then (got "
+                       f"{self.attention_kernel!r}, {self.interpret} with "
+                       f"attention={self.attention!r})")
     if self.moe not in MOE_IMPLS:
       raise ValueError(f"impl.moe: must be one of {MOE_IMPLS} (got {self.moe!r})")
     if (self.moe == "cpu_kernel") != (self.moe_threads > 0):

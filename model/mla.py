@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from model.attention import attend, causal_mask
+from model.cache import attend_update, attend_update_latent
 from model.config import ModelConfig
 from model.ffn import fan_in_init
 from model.impl import ModelImpl
@@ -160,16 +161,15 @@ class MLA(nn.Module):
       dt = jnp.dtype(self.cfg.dtype)
       q_latent = jnp.einsum("blhn,chn->blhc", q_nope, self.w_uk.astype(dt))
       kv_new_BxLxW = jnp.concatenate([c_kv, k_rope], axis=-1)
-      o_latent = cache.attend_latent(layer, q_latent, q_rope, kv_new_BxLxW, positions_BxL,
-                                     self.scale, self.impl.attention)
-      o = jnp.einsum("blhc,chv->blhv", o_latent, self.w_uv.astype(dt))
-      return self.out(o), cache.update_latent(layer, kv_new_BxLxW, positions_BxL)
+      o_latent, cache = attend_update_latent(cache, layer, q_latent, q_rope, kv_new_BxLxW,
+                                             positions_BxL, self.scale, self.impl)
+      return self.out(jnp.einsum("blhc,chv->blhv", o_latent, self.w_uv.astype(dt))), cache
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     k, v = self.expand(c_kv, k_rope)
-    if cache is None or fresh:
-      o = attend(q, k, v, causal_mask(positions_BxL, positions_BxL))
-    else:  # expanded decode: reads the cache before the write
-      o = cache.attend(layer, q, k, v, positions_BxL, self.impl.attention)
+    if cache is not None and not fresh:  # expanded decode: attend (reading the cache), write
+      o, cache = attend_update(cache, layer, q, k, v, positions_BxL, self.impl)
+      return self.out(o), cache
+    o = attend(q, k, v, causal_mask(positions_BxL, positions_BxL))
     if absorbed:  # a fresh prefill into the latent cache
       cache = cache.update_latent(layer, jnp.concatenate([c_kv, k_rope], -1), positions_BxL)
     elif cache is not None:

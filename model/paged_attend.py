@@ -1,4 +1,5 @@
-"""Attention over a paged KV cache in plain XLA: gather by block table, mask by length.
+"""Attention over a paged KV cache: in plain XLA (gather by block table, mask by length),
+and one-token steps in the Pallas kernels.
 
 PagedAttention (Kwon et al. 2023, arXiv 2309.06180 §4.1): token t of row b lives in
 page block_table[b, t // S], slot t % S, of a pool shared by all rows. A step's L
@@ -17,14 +18,16 @@ the output, and table entries past a row's pages (NULL_PAGE) are clipped into ra
 and masked. For one query token this equals the reference over length + 1 tokens
 with the step's key written at position length (tests/decode/test_paged_cache.py
 checks it); the kernel itself attends to the cache alone and returns o without its
-log-sum-exp, which merging the step's own key into the softmax needs, so wiring it
-in needs that statistic from the kernel (or a write before the read).
+log-sum-exp, which merging the step's own key into the softmax would need, so
+`pallas_attend` / `pallas_attend_latent` run after the step's write, over length + 1
+tokens (`PagedKVCache.attend_update`, impl.attention='pallas').
 
 Layout: the pool is [K, P, S, E] (the kernels' layout), so the gathered keys come
 out [K, B, T, E] with both batch axes leading and no transpose of the cache.
 
 Shape names (README legend): B rows, L tokens per step, H query heads, K kv heads,
-G = H / K, E head width, P pages, S page size, M pages per row, T = M * S.
+G = H / K, E head width, C latent width, R rope width, W = C + R, P pages, S page size,
+M pages per row, T = M * S.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+
+from kernels import mla_attention, paged_attention
 
 NEG = -1e30  # masked score (as model/attention.py): exp underflows to exactly 0
 
@@ -75,3 +80,45 @@ def attend_paged(q_BxLxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE, table_BxM, length_
   o = (jnp.einsum("kblgt,kbte->kblge", p[..., :t], v_KxBxTxE)
        + jnp.einsum("kblgm,bmke->kblge", p[..., t:], v_new_BxLxKxE))
   return rearrange(o, "k b l g e -> b l (k g) e").astype(q_BxLxHxE.dtype)
+
+
+def pallas_attend(q_BxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE, table_BxM, length_B, impl):
+  """o_BxHxE of one query token per row over its first length_B tokens, in the Pallas
+  kernel impl.attention_kernel (interpreted if impl.interpret); q cast to the pool's
+  dtype (the kernel takes one), o back to q's."""
+  o_BxHxE = paged_attention.paged_attention(
+      q_BxHxE.astype(k_pages_KxPxSxE.dtype), k_pages_KxPxSxE, v_pages_KxPxSxE,
+      table_BxM.astype(jnp.int32), length_B.astype(jnp.int32), impl=impl.attention_kernel,
+      interpret=impl.interpret)
+  return o_BxHxE.astype(q_BxHxE.dtype)
+
+
+def pallas_attend_latent(q_latent_BxHxC, q_rope_BxHxR, latent_pages_PxSxW, table_BxM,
+                         length_B, scale: float, impl):
+  """`pallas_attend` for absorbed MLA over [c_kv ; k_rope] pages: o_latent_BxHxC."""
+  dt = latent_pages_PxSxW.dtype
+  o_BxHxC = mla_attention.mla_decode_attention(
+      q_latent_BxHxC.astype(dt), q_rope_BxHxR.astype(dt), latent_pages_PxSxW,
+      table_BxM.astype(jnp.int32), length_B.astype(jnp.int32), scale=scale,
+      impl=impl.attention_kernel, interpret=impl.interpret)
+  return o_BxHxC.astype(q_latent_BxHxC.dtype)
+
+
+def pallas_error(pools, num_heads: int, rope_width: int, impl) -> str:
+  """Why `pallas_attend` over pools = [k_pages, v_pages] (or `pallas_attend_latent` over
+  [latent_pages]) of abstract arrays cannot run num_heads query heads ('' if it can):
+  the kernels' own checks, traced by jax.eval_shape (nothing compiles)."""
+  sds, h, i32 = jax.ShapeDtypeStruct, num_heads, jnp.int32
+  table, length = sds((1, 1), i32), sds((1,), i32)
+  dt, w = pools[0].dtype, pools[0].shape[-1]
+  try:
+    if len(pools) == 1:
+      jax.eval_shape(lambda *a: pallas_attend_latent(*a, 1.0, impl),
+                     sds((1, h, w - rope_width), dt), sds((1, h, rope_width), dt), pools[0],
+                     table, length)
+    else:
+      jax.eval_shape(lambda *a: pallas_attend(*a, impl), sds((1, h, w), dt), *pools, table,
+                     length)
+  except ValueError as e:
+    return str(e)
+  return ""

@@ -19,7 +19,10 @@ loop:
   page in every block and the shared page loses one holder. When every holder of a
   shared page writes it in the same step, the first keeps it.
 * `update` scatters the step's K/V into the row's pages; `attend` gathers them by
-  block table, masked by length (model/paged_attend.py).
+  block table, masked by length (model/paged_attend.py). With impl.attention='pallas'
+  (`attend_update`) a one-token step writes first and the Pallas kernel then reads the
+  row's pages in place, its new token included: the kernels return no log-sum-exp to
+  merge the step's own key with; multi-token steps (prefill) stay on the XLA gather.
 * `repeat(n)` gives a prompt's n beams / samples its pages by reference (counts +
   n - 1): its full pages stay shared for good, its partial last page is copied by
   the first write of each beam. `reorder(rows_B)` copies block-table rows and moves
@@ -61,9 +64,9 @@ from kernels import paged_attention_cpu
 from model import page_pool
 from model.cache import register
 from model.config import ModelConfig
-from model.impl import resolve_mla
+from model.impl import ModelImpl, resolve_mla
 from model.mla import attend_latent_cached
-from model.paged_attend import attend_paged
+from model.paged_attend import attend_paged, pallas_attend, pallas_attend_latent, pallas_error
 
 
 @flax.struct.dataclass
@@ -188,6 +191,26 @@ class PagedKVCache:
     return attend_paged(q_BxLxHxE, kv.k_pages_KxPxSxE, kv.v_pages_KxPxSxE, self.table_BxM,
                         length_B, k_BxLxKxE, v_BxLxKxE, new_mask_BxLxL)
 
+  def attend_update(self, layer: int, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxL,
+                    impl: ModelImpl):
+    """(o, cache): `attend` then `update`, or with impl.attention='pallas' a one-token
+    step's write, then the kernel over the pages (see the module docstring)."""
+    if impl.attention != "pallas" or positions_BxL.shape[1] != 1:
+      return (self.attend(layer, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxL,
+                          impl.attention), self.update(layer, k_BxLxKxE, v_BxLxKxE, positions_BxL))
+    cache = self.update(layer, k_BxLxKxE, v_BxLxKxE, positions_BxL)
+    kv = cache.layers[layer]
+    o_BxHxE = pallas_attend(q_BxLxHxE[:, 0], kv.k_pages_KxPxSxE, kv.v_pages_KxPxSxE,
+                            self.table_BxM, self.written_length(positions_BxL), impl)
+    return o_BxHxE[:, None], cache
+
+  def written_length(self, positions_BxL):
+    """Tokens of row b after a one-token step's write: its cached ones and the new one
+    where the write landed (a row at or past its limit reads its cache alone)."""
+    length_B = jnp.clip(jnp.minimum(positions_BxL[:, 0], self.limit_B), 0, self.max_len)
+    landed_B = self.page_of(positions_BxL[:, :1])[:, 0] != self.null
+    return length_B + landed_B.astype(jnp.int32)
+
   def update(self, layer: int, k_BxLxKxE, v_BxLxKxE, positions_BxL) -> "PagedKVCache":
     """Writes block `layer`'s entries into the pages `reserve` gave them."""
     page_N = self.page_of(positions_BxL).reshape(-1)
@@ -214,6 +237,19 @@ class PagedKVCache:
     new_mask_BxLxL = positions_BxL[:, None, :] <= positions_BxL[:, :, None]
     return attend_latent_cached(q_latent_BxLxHxC, q_rope_BxLxHxR, kv_BxTxW, cache_mask_BxLxT,
                                 w_BxLxW, new_mask_BxLxL, scale)
+
+  def attend_update_latent(self, layer: int, q_latent_BxLxHxC, q_rope_BxLxHxR, w_BxLxW,
+                           positions_BxL, scale: float, impl: ModelImpl):
+    """`attend_update` for the latent pages: (o_latent, cache)."""
+    if impl.attention != "pallas" or positions_BxL.shape[1] != 1:
+      return (self.attend_latent(layer, q_latent_BxLxHxC, q_rope_BxLxHxR, w_BxLxW,
+                                 positions_BxL, scale, impl.attention),
+              self.update_latent(layer, w_BxLxW, positions_BxL))
+    cache = self.update_latent(layer, w_BxLxW, positions_BxL)
+    o_BxHxC = pallas_attend_latent(q_latent_BxLxHxC[:, 0], q_rope_BxLxHxR[:, 0],
+                                   cache.layers[layer].latent_pages_PxSxW, self.table_BxM,
+                                   self.written_length(positions_BxL), scale, impl)
+    return o_BxHxC[:, None], cache
 
   def update_latent(self, layer: int, w_BxLxW, positions_BxL) -> "PagedKVCache":
     """Writes block `layer`'s [c_kv ; k_rope] into the pages `reserve` gave them."""
@@ -329,6 +365,13 @@ class PagedSpec:
         table_BxM=jnp.full((rows, m), p, jnp.int32),
         limit_B=jnp.full((rows,), m * self.page_size, jnp.int32),
         pool=page_pool.new_pool(p), page_size=self.page_size)
+
+  def kernel_error(self, cfg: ModelConfig, dtype, kernel: str, interpret: bool) -> str:
+    """Why the Pallas `kernel` cannot run one-token steps of `cfg` over pools of `dtype`
+    ('' if it can): the kernels' own checks, on abstract arrays (nothing compiles)."""
+    impl = ModelImpl(attention="pallas", attention_kernel=kernel, interpret=interpret)
+    pools = jax.eval_shape(lambda: self.init(cfg, 1, self.page_size, dtype)).layers[0]
+    return pallas_error(jax.tree.leaves(pools), cfg.num_heads, cfg.rope_head_dim, impl)
 
   def windows(self, prompt_width: int, total: int) -> tuple[int, ...]:
     del prompt_width  # a step reads only the pages a row has
