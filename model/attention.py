@@ -27,12 +27,15 @@ from model.cache import attend_update
 from model.config import ModelConfig
 from model.ffn import fan_in_init
 from model.impl import ModelImpl
-from model.linear import project
+from model.linear import einsum_f32, project
 from model.rope import apply_rope
 
 
 def attend(q_BxLxHxE, k_BxTxKxE, v_BxTxKxE, mask_BxLxT):
-  """Grouped scaled dot-product attention; softmax in float32.
+  """Grouped scaled dot-product attention; scores and softmax in float32.
+
+  The q.k product returns its float32 accumulator (`linear.einsum_f32`):
+  rounding the scores to a bf16 model's dtype first would cost their low bits.
 
   Args:
     q_BxLxHxE: queries (already rotated).
@@ -44,7 +47,7 @@ def attend(q_BxLxHxE, k_BxTxKxE, v_BxTxKxE, mask_BxLxT):
   num_kv = k_BxTxKxE.shape[2]
   q = rearrange(q_BxLxHxE, "b l (k g) e -> b k g l e", k=num_kv)
   scale = q_BxLxHxE.shape[-1] ** -0.5
-  s_BxKxGxLxT = jnp.einsum("bkgle,btke->bkglt", q, k_BxTxKxE).astype(jnp.float32) * scale
+  s_BxKxGxLxT = einsum_f32("bkgle,btke->bkglt", q, k_BxTxKxE) * scale
   s_BxKxGxLxT = jnp.where(mask_BxLxT[:, None, None], s_BxKxGxLxT, -1e30)
   p = jax.nn.softmax(s_BxKxGxLxT, axis=-1).astype(v_BxTxKxE.dtype)
   out = jnp.einsum("bkglt,btke->blkge", p, v_BxTxKxE)

@@ -4,7 +4,8 @@
     project(x_BxLxK, w_MxK, impl, dtype, transpose_w=True) -> y_BxLxM   (tied unembedding)
 
 Both operands are taken in `dtype` (the weight cast at use, as everywhere in
-the model), the product accumulated in float32 and returned in `dtype`.
+the model), the product accumulated in float32 and returned in `dtype`
+(or `out_dtype`: the unembedding returns float32 logits via `einsum_f32`).
 With impl.matmul 'cpu_kernel' (decode/backend.py picks it on CPU) a product
 of at most DECODE_ROWS rows, a decode step, runs in the C++ kernel of
 kernels/matmul_cpu.py, which reads W once, in place, for all rows; larger
@@ -13,6 +14,9 @@ products (prefill, training) and impl.matmul 'xla' are XLA dots.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from kernels import matmul_cpu
@@ -21,12 +25,48 @@ from model.impl import ModelImpl
 DECODE_ROWS = 16  # products with at most this many rows (B * L) take the kernel
 
 
-def project(x_BxLxK, w, impl: ModelImpl, dtype, transpose_w: bool = False):
-  """x @ W (W [K, M]) or x @ W^T (W [M, K], `transpose_w`); see the module docstring."""
+def einsum_f32(spec: str, x, y):
+  """jnp.einsum(spec, x, y) returned as its float32 accumulator (bf16 scores, logits).
+
+  The backward pass casts the float32 cotangent to the operands' dtype, so its
+  products run at the bf16 rate like every other (a float32 x bf16 dot would
+  run at the float32 rate); float32 operands take the plain einsum.
+  """
+  if x.dtype == y.dtype == jnp.float32:
+    return jnp.einsum(spec, x, y)
+  return _einsum_f32(spec, x, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_f32(spec, x, y):
+  return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec, x, y):
+  return _einsum_f32(spec, x, y), (x, y)
+
+
+def _einsum_f32_bwd(spec, res, g):
+  x, y = res
+  _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, y)
+  return vjp(g.astype(jnp.result_type(x, y)))
+
+
+_einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
+def project(x_BxLxK, w, impl: ModelImpl, dtype, transpose_w: bool = False, out_dtype=None):
+  """x @ W (W [K, M]) or x @ W^T (W [M, K], `transpose_w`); see the module docstring.
+
+  out_dtype: the result's dtype if not `dtype` (the unembedding of a bf16 model
+  returns its float32 accumulator, so the logits are not rounded to bf16).
+  """
   dt = jnp.dtype(dtype)
+  out = jnp.dtype(out_dtype or dt)
   x, w = x_BxLxK.astype(dt), w.astype(dt)
   b, l, k = x.shape
   if impl.matmul == "cpu_kernel" and b * l <= DECODE_ROWS:
     y = matmul_cpu.matmul(x.reshape(b * l, k), w, transpose_w, impl.matmul_threads)
-    return y.astype(dt).reshape(b, l, -1)
-  return jnp.einsum("blk,mk->blm" if transpose_w else "blk,km->blm", x, w)
+    return y.astype(out).reshape(b, l, -1)
+  spec = "blk,mk->blm" if transpose_w else "blk,km->blm"
+  return einsum_f32(spec, x, w) if out == jnp.float32 else jnp.einsum(spec, x, w)

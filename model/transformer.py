@@ -103,11 +103,11 @@ class Decoder(nn.Module):
     return jnp.take(self.embed, tokens_BxL, axis=0).astype(jnp.dtype(self.cfg.dtype))
 
   def logits(self, h_BxLxD):
-    """Final norm + unembedding, float32 logits."""
+    """Final norm + unembedding, float32 logits (the product's accumulator, unrounded)."""
     h = self.final_norm(h_BxLxD)
     tied = self.cfg.tie_embeddings
     return project(h, self.embed if tied else self.unembed, self.impl, h.dtype,
-                   transpose_w=tied).astype(jnp.float32)
+                   transpose_w=tied, out_dtype=jnp.float32)
 
   def __call__(self, tokens_BxL, positions_BxL: Optional[jax.Array] = None,
                train: bool = False):

@@ -14,6 +14,7 @@ import dataclasses
 import math
 
 from model.config import ModelConfig, from_mapping
+from model.impl import REMAT_IMPLS
 from train import tasks, tokenizer
 
 
@@ -82,16 +83,32 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  """Steps, seed, cadence, and how a step runs on the accelerator.
+
+  remat: 'none' | 'block' | 'full', rematerialisation of the training model
+    (model/impl.py; Chen et al. 2016 arXiv 1604.06174): less activation
+    memory for about one more forward pass. Evaluation and decoding use 'none'.
+  grad_accum_steps: N microbatches of data.batch_size / N rows per optimizer
+    update, scanned inside the jitted step (train/step.py), so the update is
+    that of the whole batch with 1/N of its activation memory.
+  """
+
   steps: int = 500
   seed: int = 0
   log_every: int = 10
   eval_every: int = 100
   eval_batches: int = 8
+  remat: str = "none"
+  grad_accum_steps: int = 1
 
   def __post_init__(self):
-    _ints("train", self, ("steps", "seed", "log_every", "eval_every", "eval_batches"))
-    _check("train", self, positive=("steps", "log_every", "eval_every", "eval_batches"),
+    _ints("train", self, ("steps", "seed", "log_every", "eval_every", "eval_batches",
+                          "grad_accum_steps"))
+    _check("train", self, positive=("steps", "log_every", "eval_every", "eval_batches",
+                                    "grad_accum_steps"),
            non_negative=("seed",))
+    if self.remat not in REMAT_IMPLS:
+      raise ValueError(f"train.remat: must be one of {REMAT_IMPLS} (got {self.remat!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +190,9 @@ class RunConfig:
       if prompt + answer + 1 > run.data.seq_len:
         raise ValueError(f"data.seq_len: data.task={run.data.task!r} examples need up to "
                          f"{prompt + answer + 1} tokens (got {run.data.seq_len})")
+    if run.data.batch_size % run.train.grad_accum_steps:
+      raise ValueError(f"train.grad_accum_steps: must divide data.batch_size="
+                       f"{run.data.batch_size} (got {run.train.grad_accum_steps})")
     if run.optimizer.warmup_steps >= run.train.steps:
       raise ValueError(f"optimizer.warmup_steps: must be < train.steps={run.train.steps} "
                        f"(got {run.optimizer.warmup_steps})")

@@ -22,6 +22,21 @@ step moves it by auxiliary-loss-free balancing, b_i += gamma * sign(mean load
 - load_i) (DeepSeek-V3 arXiv 2412.19437 sec. 2.1.2; `router_bias_update_rate`
 = gamma), and reports it as metrics['router_bias'] [MoE layer, X]. Models
 without it have the same state structure as before.
+
+Gradient accumulation (`grad_accum_steps` = N > 1): the batch's rows are N
+microbatches (microbatch i = rows i, i + N, ..., so each stays split over the
+data axis like the batch), and a `lax.scan` inside the step sums their
+gradients before the one optimizer update. The cross-entropy of each is
+divided by the whole batch's target count, so the summed gradient is the
+whole batch's. The MoE aux loss is the mean over microbatches of each one's
+aux loss (from that microbatch's routing statistics): the whole batch's for
+losses that are token means (router z-loss), not exactly for the balance
+losses, which are products of token means (Switch f_i P_i, CV^2). The routing
+statistics, the metrics and the router bias update take the mean over
+microbatches: with dropless or dense dispatch that is the whole batch's load,
+so b_i moves once per update exactly as for the whole batch. Capacity
+dispatch sizes each expert's buffer for a microbatch, and router noise is
+drawn per microbatch (fold_in(key, i)).
 """
 
 import functools
@@ -71,26 +86,69 @@ def token_losses(logits_BxLxV, targets_BxL):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
 
 
-def loss_fn(params, model: Decoder, batch_BxL1, rng, train: bool, router_bias=None):
-  """router_bias: the routers' b_i held out of `params` (`split_router_bias`), or None."""
+def num_targets(batch_BxL1):
+  """Non-PAD next-token targets of a batch (at least 1): the cross-entropy's divisor."""
+  return jnp.maximum((batch_BxL1[:, 1:] != tokenizer.PAD).sum(), 1)
+
+
+def loss_fn(params, model: Decoder, batch_BxL1, rng, train: bool, router_bias=None,
+            targets_total=None, aux_weight: float = 1.0):
+  """router_bias: the routers' b_i held out of `params` (`split_router_bias`), or None.
+
+  targets_total, aux_weight: the CE divisor (default this batch's `num_targets`)
+  and the aux loss weight; a microbatch of gradient accumulation passes the
+  whole batch's count and 1 / N.
+  """
   inputs, targets = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
   if router_bias:
     params = merge_router_bias(params, router_bias)
   logits, aux = model.apply({"params": params}, inputs, train=train,
                             rngs={"router": rng} if train else {})
   real_BxL = targets != tokenizer.PAD  # padded task rows (train/tasks.py): PAD is no target
-  ce = (jnp.where(real_BxL, token_losses(logits, targets), 0).sum()
-        / jnp.maximum(real_BxL.sum(), 1))
-  return ce + aux["loss"], (ce, aux)
+  total = num_targets(batch_BxL1) if targets_total is None else targets_total
+  ce = jnp.where(real_BxL, token_losses(logits, targets), 0).sum() / total
+  return ce + aux_weight * aux["loss"], (ce, aux)
+
+
+def accumulated_grads(trainable, model: Decoder, batch_BxL1, rng, router_bias, n: int):
+  """(grads, ce, aux) of the whole batch from n microbatches in a `lax.scan`
+  (module docstring): grads and ce summed, aux averaged over microbatches.
+
+  Shapes: Ga = n microbatches of Bm = B / n rows.
+  """
+  rows = batch_BxL1.shape[0]
+  micro_GaxBmxL1 = batch_BxL1.reshape(rows // n, n, -1).swapaxes(0, 1)  # i: rows i, i + n, ..
+  total = num_targets(batch_BxL1)
+
+  def one(grads, i_micro):
+    i, micro_BmxL1 = i_micro
+    g, (ce, aux) = jax.grad(loss_fn, has_aux=True)(
+        trainable, model, micro_BmxL1, jax.random.fold_in(rng, i), True, router_bias,
+        total, 1.0 / n)
+    return jax.tree.map(jnp.add, grads, g), (ce, aux)
+
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
+  grads, (ce_Ga, aux_Ga) = jax.lax.scan(one, zeros, (jnp.arange(n), micro_GaxBmxL1))
+  return grads, ce_Ga.sum(), jax.tree.map(lambda x: x.mean(0), aux_Ga)
 
 
 def train_step(state: TrainState, batch_BxL1, *, model: Decoder,
-               tx: optax.GradientTransformation):
-  """One AdamW step (and the routers' bias balancing). Returns (new_state, metrics)."""
+               tx: optax.GradientTransformation, grad_accum_steps: int = 1):
+  """One AdamW step (and the routers' bias balancing). Returns (new_state, metrics).
+
+  grad_accum_steps: microbatches per update (module docstring); divides the rows.
+  """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   trainable, router_bias = split_router_bias(state.params)
-  grads, (ce, aux) = jax.grad(loss_fn, has_aux=True)(
-      trainable, model, batch_BxL1, rng, True, router_bias)
+  if grad_accum_steps == 1:
+    grads, (ce, aux) = jax.grad(loss_fn, has_aux=True)(
+        trainable, model, batch_BxL1, rng, True, router_bias)
+  elif batch_BxL1.shape[0] % grad_accum_steps:
+    raise ValueError(f"train.grad_accum_steps: must divide the batch's "
+                     f"{batch_BxL1.shape[0]} rows (got {grad_accum_steps})")
+  else:
+    grads, ce, aux = accumulated_grads(trainable, model, batch_BxL1, rng, router_bias,
+                                       grad_accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
   params = optax.apply_updates(trainable, updates)
   metrics = {"loss": ce + aux["loss"], "ce": ce, "aux_loss": aux["loss"],
@@ -108,9 +166,17 @@ def train_step(state: TrainState, batch_BxL1, *, model: Decoder,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def jit_train_step(model: Decoder, tx: optax.GradientTransformation, **jit_kw):
-  return jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0,
-                 **jit_kw)
+# XLA:CPU's default (concurrency-optimised) scheduler runs a checkpointed block's
+# recomputation early, so its activations stay alive anyway; the memory-optimised
+# one defers it to the backward pass (docs/performance.md, "Training memory").
+CPU_REMAT_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def jit_train_step(model: Decoder, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
+                   **jit_kw):
+  return jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                   grad_accum_steps=grad_accum_steps),
+                 donate_argnums=0, **jit_kw)
 
 
 def eval_step(params, batch_BxL1, *, model: Decoder, token_bytes_V=None):

@@ -17,6 +17,10 @@ saved, so the newest checkpoint stays the last good one. The loss is checked
 at log steps, where the metrics reach the host anyway (no extra sync per
 step), and the whole state right before every save.
 
+`train.remat` rematerialises the training model only (eval and the task
+predictions run the same parameters without it); `train.grad_accum_steps`
+scans microbatches inside the jitted step (train/step.py).
+
 Throughput: every train row of metrics.jsonl (and the progress bar) has
 `flops_per_token` and, once timed, `tokens_per_s`, `flops_per_s` and on
 chips of train/flops.py's table `mfu` (model FLOPs, train/flops.py).
@@ -35,6 +39,7 @@ from absl import logging
 from tqdm import tqdm
 
 from model.routing_losses import load_metrics
+from model.impl import ModelImpl
 from model.transformer import Decoder
 from train import checkpoint, data, flops, optimizer, preemption, tasks
 from train import mesh as mesh_lib
@@ -89,6 +94,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
   notes = workdir_lib.check_config(workdir, run)  # before anything compiles or is written
   mesh = mesh_lib.make_mesh(run.mesh, run.model.num_experts)
   mesh_lib.check_batch_size(run.data.batch_size, mesh)
+  micro = run.data.batch_size // run.train.grad_accum_steps
+  if micro % mesh.size:  # each microbatch is split over the devices like the batch
+    raise ValueError(f"train.grad_accum_steps: leaves microbatches of {micro} rows, not "
+                     f"divisible by the {mesh.size} devices (got {run.train.grad_accum_steps})")
   with jax.set_mesh(mesh):  # MoE layers traced under it use expert parallelism
     return _train_and_evaluate(run, mesh, workdir, stop_after, progress, notes)
 
@@ -143,8 +152,13 @@ def _train_and_evaluate(run: RunConfig, mesh, workdir: str, stop_after: int | No
 
 def _loop(run: RunConfig, mesh, ds, model, tx, state, state_shardings, ckpts, writer, start,
           stop_after, progress) -> dict:
+  # Only the differentiated model is rematerialised; eval and tasks use `model` (remat 'none').
+  train_model = Decoder(run.model, ModelImpl(remat=run.train.remat))
+  remat_on_cpu = run.train.remat != "none" and mesh.devices.flat[0].platform == "cpu"
   train_step = step_lib.jit_train_step(
-      model, tx, out_shardings=(state_shardings, mesh_lib.replicated(mesh)))
+      train_model, tx, grad_accum_steps=run.train.grad_accum_steps,
+      out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+      **({"compiler_options": step_lib.CPU_REMAT_COMPILER_OPTIONS} if remat_on_cpu else {}))
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model,
                                       token_bytes_V=ds.token_bytes_V))
   predict_fn = tasks.predict_fn(model) if ds.val_answer_WxL is not None else None

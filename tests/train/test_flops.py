@@ -9,6 +9,7 @@ import pytest
 from model.config import ModelConfig
 from model.transformer import Decoder
 from train import flops
+from train.config import RunConfig
 
 
 def _real_param_count(cfg):
@@ -77,3 +78,65 @@ def test_peaks_and_mfu():
   assert out == {"flops_per_token": 1e6, "flops_per_s": 2e11, "mfu": 0.2}
   assert flops.throughput(1e6, None, 1e12) == {"flops_per_token": 1e6}
   assert "mfu" not in flops.throughput(1e6, 2e5, None)
+
+
+def test_run_reports_flops_and_mfu_with_remat_and_accumulation(tiny_config, tmp_path,
+                                                                 monkeypatch):
+  """metrics.jsonl rows and the progress bar carry flops_per_s and mfu (a known chip's
+  peak, patched in: this CPU has none), here for a run with remat and accumulation."""
+  from train import metrics, trainer
+  postfixes = []
+
+  class Bar:
+    def __init__(self, *a, **kw):
+      pass
+
+    def set_postfix(self, **kw):
+      postfixes.append(kw)
+
+    update = close = lambda self, *a: None
+
+  monkeypatch.setattr(trainer, "tqdm", Bar)
+  built = []
+  jit_train_step = trainer.step_lib.jit_train_step
+
+  def spy(model, tx, grad_accum_steps=1, **kw):
+    built.append((model.impl.remat, grad_accum_steps, kw.get("compiler_options")))
+    return jit_train_step(model, tx, grad_accum_steps, **kw)
+
+  monkeypatch.setattr(trainer.step_lib, "jit_train_step", spy)
+  monkeypatch.setattr(trainer.flops, "peak_flops", lambda kind, dtype, chips: 1e12)
+  tiny_config.model.update(num_layers=1)
+  tiny_config.train.update(steps=3, log_every=1, eval_every=3, remat="block",
+                           grad_accum_steps=2)
+  tiny_config.optimizer.update(warmup_steps=1)
+  summary = trainer.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  rows = [r for r in metrics.read(str(tmp_path / "run")) if r["split"] == "train"]
+  timed = [r for r in rows if "tokens_per_s" in r]
+  assert len(rows) == 3 and len(timed) == 2   # the first step also compiles: no rate
+  want = flops.flops_per_token(RunConfig.from_config(tiny_config).model, 32)
+  for r in timed:
+    assert r["flops_per_token"] == want
+    assert r["flops_per_s"] == pytest.approx(want * r["tokens_per_s"])
+    assert r["mfu"] == pytest.approx(r["flops_per_s"] / 1e12)
+  assert [p["mfu"] for p in postfixes[1:]] == [f"{r['mfu']:.1%}" for r in timed]
+  assert all(float(p["flop_s"]) > 0 for p in postfixes[1:])
+  assert summary["mfu"] == pytest.approx(summary["flops_per_s"] / 1e12)
+  cpu = jax.default_backend() == "cpu"
+  assert built == [("block", 2, trainer.step_lib.CPU_REMAT_COMPILER_OPTIONS if cpu else None)]
+
+
+def test_gpu_configs_sizes():
+  """configs/moe_gpu.py: 150-300M parameters (its docstring's counts, from the initialised
+  shapes); configs/dense_gpu.py: the same training FLOPs per token within 0.1%."""
+  from configs import dense_gpu, moe_gpu
+  moe, dense = (RunConfig.from_config(m.get_config()) for m in (moe_gpu, dense_gpu))
+  assert moe.model.num_experts in range(8, 17) and moe.model.moe_top_k == 2
+  assert moe.model.moe_dispatch == "dropless" and moe.model.dtype == "bfloat16"
+  assert moe.data.seq_len == dense.data.seq_len == 1024
+  assert 150e6 <= _real_param_count(moe.model) == flops.param_counts(moe.model).total \
+      == 245_658_624 <= 300e6
+  assert _real_param_count(dense.model) == flops.param_counts(dense.model).total == 75_715_584
+  f_moe, f_dense = (flops.flops_per_token(r.model, 1024) for r in (moe, dense))
+  assert (f_moe, f_dense) == (567_866_880, 567_424_512)
+  assert abs(f_moe - f_dense) < 1e-3 * f_moe
