@@ -139,7 +139,8 @@ def test_compiled_decode_reduces_in_one_kernel_per_reduction(params):
   assert " reduce(" in hlo and "reduce-window" not in hlo
 
 
-@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+@pytest.mark.parametrize("strategy", [  # beam: the same kernel calls on W rows (-m slow)
+    "greedy", pytest.param("beam", marks=pytest.mark.slow)])
 def test_cpu_expert_kernel_decodes_the_same_as_xla(params, strategy):
   """On CPU, 'auto' runs MoE decode steps in the C++ expert kernel
   (kernels/moe_cpu.py, decode/backend.py): the compiled loop calls it, and

@@ -47,7 +47,8 @@ def test_auto_picks_the_kernel_for_several_rows_and_bfloat16_on_one_device():
 
 
 @pytest.mark.skipif(not ON_CPU, reason="the C++ matrix kernel runs on the CPU backend only")
-@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+@pytest.mark.parametrize("strategy", [  # beam: the same kernel calls on W rows (-m slow)
+    "greedy", pytest.param("beam", marks=pytest.mark.slow)])
 def test_kernel_decodes_the_tokens_of_the_xla_products(params, strategy):
   gen = GenerationConfig(strategy=strategy, max_new_tokens=12, num_beams=2,
                          num_return_sequences=2 if strategy == "beam" else 1, num_devices=1,
