@@ -35,7 +35,7 @@ from experiments import host_devices
 
 _CORES = host_devices.request("host_devices", os.cpu_count() or 1)
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from decode.config import STRATEGIES, GenerationConfig  # noqa: E402
 from experiments import compilation_cache  # noqa: E402
@@ -72,10 +72,14 @@ _NUM_PAGES = flags.DEFINE_integer("num_pages", 0, "Pages of the paged cache, spl
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL of requests for the "
                                     "continuous-batching engine (experiments/serve_file.py).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Engine slots (--prompts_file).")
-_ATTENTION = flags.DEFINE_string("attention_impl", "auto", "auto | xla | cpu (decode/backend.py).")
+_ATTENTION = flags.DEFINE_string(
+    "attention_impl", "auto", "auto | xla | cpu | pallas (decode/backend.py; pallas: the Pallas "
+    "decode kernels, with --kv_cache=paged; interpreted, slowly, on CPU).")
 _MOE = flags.DEFINE_string("moe_impl", "auto", "auto | xla | cpu | cpu_kernel (decode/backend.py).")
 _MATMUL = flags.DEFINE_string("matmul_impl", "auto", "auto | xla | cpu_kernel: decode-step weight "
                               "products (decode/backend.py).")
+_MLA = flags.DEFINE_string("mla_impl", "auto", "auto | absorbed | expanded: MLA decode over the "
+                           "latent cache or per-head K/V (model/mla.py).")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices the rows are split over (0: auto).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the resolved backend choices.")
 _GGUF = flags.DEFINE_string("gguf", None, "A llama-architecture GGUF file (model/gguf_interop.py).")
@@ -117,7 +121,7 @@ def generation_config(eos_id, pad_id) -> GenerationConfig:
       seed=_SEED.value, cache_growth=_GROWTH.value, kv_cache=_KV_CACHE.value,
       page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,
       attention_impl=_ATTENTION.value, moe_impl=_MOE.value, matmul_impl=_MATMUL.value,
-      num_devices=_NUM_DEVICES.value)
+      mla_impl=_MLA.value, num_devices=_NUM_DEVICES.value)
   try:
     return GenerationConfig(**fields)
   except ValueError as e:
@@ -175,6 +179,10 @@ def load_workdir(workdir: str):
   """(cfg, params, tokenizer) of a moelab run: its byte-level BPE when the
   workdir has a `tokenizer.json` (data.tokenizer='bpe:N', train/bpe.py), else bytes."""
   from train import bpe, checkpoint, tokenizer
+  from train.workdir import config_path
+  if not os.path.isfile(config_path(workdir)):
+    raise app.UsageError(f"--workdir={workdir}: no moelab run there ({config_path(workdir)} "
+                         "is missing)")
   cfg, params = checkpoint.restore_params(workdir)
   if os.path.exists(os.path.join(workdir, bpe.FILENAME)):
     return cfg, params, BPEPromptTokenizer(bpe.load(os.path.join(workdir, bpe.FILENAME)))
@@ -232,7 +240,12 @@ def load_model(dtype: str):
       raise app.UsageError(f"--model: {e}") from None
     return load_gguf_file(str(path), dtype)
   if _GGUF.value is not None:
+    if not os.path.isfile(_GGUF.value):
+      raise app.UsageError(f"--gguf={_GGUF.value}: no such file")
     return load_gguf_file(_GGUF.value, dtype)
+  if _HF_MODEL.value and not os.path.isfile(os.path.join(_HF_MODEL.value, "config.json")):
+    raise app.UsageError(f"--hf_model={_HF_MODEL.value}: no HF checkpoint there (config.json "
+                         "is missing)")
   cfg, params, tok = (load_workdir(_WORKDIR.value) if _WORKDIR.value
                       else load_hf_dir(_HF_MODEL.value))
   if dtype != "float32":
@@ -291,6 +304,7 @@ def serve_prompts_file(cfg, params, tok, gen) -> None:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax's per-restore INFO lines; warnings stay
   compilation_cache.enable()
   from decode.config import check_request
   from decode.generate import generate

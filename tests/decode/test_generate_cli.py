@@ -58,3 +58,26 @@ def test_hf_dir_and_workdir(tmp_path):
   recs = [json.loads(line) for line in open(tmp_path / "b.jsonl")]
   assert len(recs) == 2 and recs[0]["score"] >= recs[1]["score"]
   assert all(1 <= len(r["tokens"]) <= 5 for r in recs)
+
+
+def test_missing_model_paths_are_usage_errors_naming_the_flag(tmp_path):
+  """--workdir, --hf_model and --gguf pointing at nothing: one line naming the flag, no
+  traceback (one subprocess: absl flags are global)."""
+  code = (
+      "import sys\n"
+      "from absl import app, flags\n"
+      "from experiments import generate as g\n"
+      "for arg in sys.argv[1:]:\n"
+      "  flags.FLAGS.unparse_flags(); flags.FLAGS(['generate', arg, '--prompt=x'])\n"
+      "  try:\n"
+      "    g.load_model('float32')\n"
+      "  except app.UsageError as e:\n"
+      "    print(e)\n")
+  (tmp_path / "empty").mkdir()
+  args = [f"--workdir={tmp_path / 'none'}", f"--workdir={tmp_path / 'empty'}",
+          f"--hf_model={tmp_path / 'none'}", f"--gguf={tmp_path / 'x.gguf'}"]
+  out = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 4 and all(line.startswith(a) for line, a in zip(lines, args)), lines
