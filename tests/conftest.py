@@ -6,6 +6,11 @@ loads. It lives in a fresh temporary directory per session (pytest-xdist
 workers and subprocesses inherit it through the environment), so nothing
 stale carries across runs; the process that made it removes it at the end.
 
+The suite's programs are tiny, so XLA's LLVM optimisation dominates their cost:
+tests compile with --xla_backend_optimization_level=0 (less LLVM optimisation of
+the generated code; about 20% less wall time measured on 2 cores) unless
+XLA_FLAGS already chooses a level. Users' runs keep XLA's default.
+
 Fixture `corpus`: a tiny local text corpus (tests make their own data).
 """
 
@@ -19,6 +24,9 @@ _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moelab-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
