@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import numpy as np
@@ -43,6 +42,7 @@ import numpy as np
 from decode import data_parallel
 from decode.config import GenerationConfig
 from kernels import matmul_cpu, moe_cpu
+from kernels.cpu_build import cores
 from model.cache import CACHE_KINDS
 from model.config import ModelConfig
 from model.impl import ModelImpl, resolve_mla
@@ -103,8 +103,8 @@ def resolve(cfg: ModelConfig, gen: GenerationConfig, num_rows: int) -> Backend:
   if moe == "cpu_kernel" and not kernel_ok:
     why = moe_cpu.build_error() or f"needs the CPU backend and a float32 sparse MoE ({platform})"
     raise ValueError(f"generation.moe_impl: 'cpu_kernel' is not available: {why}")
-  threads = max(1, _cores() // devices) if moe == "cpu_kernel" else 0
-  matmul_threads = max(1, _cores() // devices) if matmul == "cpu_kernel" else 0
+  threads = max(1, cores() // devices) if moe == "cpu_kernel" else 0
+  matmul_threads = max(1, cores() // devices) if matmul == "cpu_kernel" else 0
   options = cpu_compiler_options(devices) if on_cpu else {}
   # XLA:CPU widens a bfloat16 cache to float32 around every write and every
   # attention product of a step; a float32 cache holds the same values.
@@ -171,12 +171,6 @@ def resolve_matmul(cfg: ModelConfig, choice: str, step_rows: int) -> str:
                                        f"({jax.default_backend()}, {cfg.dtype})")
     raise ValueError(f"generation.matmul_impl: 'cpu_kernel' is not available: {why}")
   return choice
-
-
-def _cores() -> int:
-  if hasattr(os, "sched_getaffinity"):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
 
 
 def cpu_compiler_options(num_devices: int) -> dict:

@@ -30,6 +30,13 @@ import jaxlib
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
+def cores() -> int:
+  """CPU cores this process may run on (its affinity mask where the OS has one)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def cache_dir() -> pathlib.Path:
   default = pathlib.Path.home() / ".cache" / "moelab"
   return pathlib.Path(os.environ.get("MOELAB_KERNEL_CACHE", default))
@@ -45,11 +52,13 @@ def cpu_flags() -> bytes:
 
 
 class CppKernel:
-  """One C++ source of `kernels/` and its FFI handlers {target name: symbol}."""
+  """One C++ source of `kernels/` and its FFI handlers {target name: symbol},
+  compiled with `flags` (default FLAGS)."""
 
-  def __init__(self, source: str, targets: dict[str, str]):
+  def __init__(self, source: str, targets: dict[str, str], flags: tuple[str, ...] = FLAGS):
     self.source = pathlib.Path(__file__).with_name(source)
     self.targets = dict(targets)
+    self.flags = tuple(flags)
     self._error = ""
 
   @functools.cached_property
@@ -60,7 +69,7 @@ class CppKernel:
     if cxx is None:
       self._error = "no C++ compiler ($CXX or c++ on PATH)"
       return None
-    key = hashlib.sha256(self.source.read_bytes() + " ".join(FLAGS).encode() + cxx.encode()
+    key = hashlib.sha256(self.source.read_bytes() + " ".join(self.flags).encode() + cxx.encode()
                          + jaxlib.__version__.encode() + cpu_flags()).hexdigest()[:16]
     lib = cache_dir() / f"{self.source.stem}_{key}.so"
     try:
@@ -68,7 +77,8 @@ class CppKernel:
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # atomic: parallel builds race
           out = pathlib.Path(tmp) / lib.name
-          cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(self.source), "-o", str(out)]
+          cmd = [cxx, *self.flags, f"-I{jax.ffi.include_dir()}", str(self.source), "-o",
+                 str(out)]
           run = subprocess.run(cmd, capture_output=True, text=True)
           if run.returncode != 0:
             self._error = f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}"

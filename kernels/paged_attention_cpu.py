@@ -23,72 +23,25 @@ queries, Ev values), P pages, S page size, M pages per row, T = M * S.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import pathlib
-import shutil
-import subprocess
-import tempfile
-
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
-from kernels.cpu_build import cache_dir, cpu_flags
+from kernels.cpu_build import FLAGS, CppKernel, cores
 
 TARGET = "moelab_paged_attention_cpu"
-_SOURCE = pathlib.Path(__file__).with_name("paged_attention_cpu.cc")
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
-_BUILD_ERROR = ""
-
-
-@functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL | None:
-  """Builds (once per source, flags, jaxlib and CPU) and registers the kernel; None if
-  that fails (`_BUILD_ERROR` says why)."""
-  global _BUILD_ERROR
-  cxx = shutil.which(os.environ.get("CXX", "c++"))
-  if cxx is None:
-    _BUILD_ERROR = "no C++ compiler ($CXX or c++ on PATH)"
-    return None
-  key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + cxx.encode()
-                       + jaxlib.__version__.encode() + cpu_flags()).hexdigest()[:16]
-  lib = cache_dir() / f"paged_attention_cpu_{key}.so"
-  try:
-    if not lib.exists():
-      lib.parent.mkdir(parents=True, exist_ok=True)
-      with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # atomic: parallel builds race
-        out = pathlib.Path(tmp) / lib.name
-        cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0:
-          _BUILD_ERROR = f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}"
-          return None
-        os.replace(out, lib)
-  except OSError as e:
-    _BUILD_ERROR = f"cannot write {lib} ({e}); set MOELAB_KERNEL_CACHE"
-    return None
-  so = ctypes.CDLL(str(lib))
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(so.PagedAttentionCpu), platform="cpu")
-  return so
+_KERNEL = CppKernel("paged_attention_cpu.cc", {TARGET: "PagedAttentionCpu"},
+                    flags=FLAGS + ("-ffast-math",))
 
 
 def build_error() -> str:
-  """Why the kernel is not available ('' if it is or was not tried)."""
-  _library()
-  return _BUILD_ERROR
+  """Why the kernel is not available ('' if it is)."""
+  return _KERNEL.build_error()
 
 
 def available() -> bool:
   """Whether `paged_decode_attention` can run: a CPU backend and a built kernel."""
-  return jax.default_backend() == "cpu" and _library() is not None
-
-
-def _cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  return _KERNEL.available()
 
 
 def paged_decode_attention(q_BxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE, block_tables_BxM,
@@ -109,7 +62,7 @@ def paged_decode_attention(q_BxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE, block_tabl
   f32 = lambda x: x.astype(jnp.float32)
   return call(f32(q_BxHxE), f32(k_pages_KxPxSxE), f32(v_pages_KxPxSxE),
               block_tables_BxM.astype(jnp.int32), lengths_B.astype(jnp.int32),
-              f32(k_new_BxKxE), f32(v_new_BxKxE), threads=np.int64(threads or _cores()),
+              f32(k_new_BxKxE), f32(v_new_BxKxE), threads=np.int64(threads or cores()),
               scale=np.float32(scale))
 
 
