@@ -1,10 +1,17 @@
-"""Tiny random Hugging Face Llama / Mixtral models and their moelab twins."""
+"""Tiny random Hugging Face Llama / Mixtral models and their moelab twins; the
+'paged_nan_for_test' cache kind."""
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import pytest
 import torch
 import transformers
 
+from model.cache import register
 from model.hf_interop import config_from_hf, params_from_hf
+from model.paged_cache import PagedSpec
 
 COMMON = dict(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.25,
@@ -42,3 +49,13 @@ def hf_twins(request):
 def prompts():
   """Prompts of different lengths (BOS = 1)."""
   return [list(p) for p in PROMPTS]
+
+
+@register("paged_nan_for_test")
+@dataclasses.dataclass(frozen=True)
+class NaNPagedSpec(PagedSpec):
+  """Pools that start as NaN: a read of a slot no row wrote poisons the output."""
+
+  def init(self, cfg, rows, max_len, dtype=None):
+    cache = super().init(cfg, rows, max_len, dtype)
+    return cache.replace(layers=jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), cache.layers))

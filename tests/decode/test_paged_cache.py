@@ -6,7 +6,6 @@ slot no row wrote never reach an output; the compiled loop updates the pool in
 place.
 """
 
-import dataclasses
 import re
 
 import jax
@@ -18,7 +17,6 @@ from decode.config import GenerationConfig
 from decode.generate import (decode_fn, generate, make_step_fn, pad_prompts, plan_for, row_keys,
                              sampling_params)
 from kernels import paged_attention
-from model.cache import register
 from model.config import ModelConfig
 from model.paged_attend import attend_paged
 from model.paged_cache import PagedSpec
@@ -42,16 +40,6 @@ STRATEGIES = {"greedy": {}, "sample": dict(temperature=0.8, top_k=20, num_return
 CASES = [("dense", "greedy"), ("dense", "sample"), ("dense", "beam"), ("gqa", "sample"),
          ("moe", "sample"), ("mla", "greedy"), ("mla", "beam")]
 EOS = {"dense": 10, "gqa": 8, "moe": 44, "mla": 52}  # rows stop at different steps
-
-
-@register("paged_nan_for_test")
-@dataclasses.dataclass(frozen=True)
-class NaNPagedSpec(PagedSpec):
-  """Pools that start as NaN: a read of a slot no row wrote poisons the output."""
-
-  def init(self, cfg, rows, max_len, dtype=None):
-    cache = super().init(cfg, rows, max_len, dtype)
-    return cache.replace(layers=jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), cache.layers))
 
 
 @pytest.fixture(scope="module")

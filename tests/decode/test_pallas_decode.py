@@ -24,7 +24,7 @@ from decode import generate as generate_lib
 from decode.backend import resolve_attention
 from decode.config import GenerationConfig
 from decode.generate import generate, make_step_fn
-from model.cache import register
+from model.cache import CACHE_KINDS
 from model.config import ModelConfig
 from model.impl import ModelImpl
 from model.paged_cache import PagedSpec
@@ -53,16 +53,6 @@ STRATEGIES = {"greedy": {}, "beam": dict(num_beams=3, num_return_sequences=2),
 CASES = [("gqa", "greedy"), ("gqa", "beam"), ("mla", "greedy"), ("mla", "sample")]
 
 
-@register("paged_nan_pallas_test")
-@dataclasses.dataclass(frozen=True)
-class NaNPagedSpec(PagedSpec):
-  """Pools that start as NaN: a kernel read of a slot no row wrote poisons the output."""
-
-  def init(self, cfg, rows, max_len, dtype=None):
-    cache = super().init(cfg, rows, max_len, dtype)
-    return cache.replace(layers=jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), cache.layers))
-
-
 @pytest.fixture(scope="module")
 def params():
   """Random params (numpy: no init to compile), wide enough that tokens vary."""
@@ -88,7 +78,7 @@ def run(name, params, strategy, attention_impl, kv_cache="paged"):
 def test_pallas_decodes_token_for_token_like_xla(case, params):
   name, strategy = case
   ref = run(name, params, strategy, "xla")
-  out = run(name, params, strategy, "pallas", kv_cache="paged_nan_pallas_test")
+  out = run(name, params, strategy, "pallas", kv_cache="paged_nan_for_test")
   impl = out.backend.impl
   assert (impl.attention, impl.interpret) == ("pallas", PLATFORM not in ("gpu", "tpu"))
   assert ref.backend.impl.attention == "xla"
@@ -147,7 +137,8 @@ def test_write_then_read_equals_read_then_write(name):
   rng = np.random.default_rng(0)
   positions_BxL = jnp.asarray([[0], [7], [8], [13], [0]], jnp.int32)
   b, m = positions_BxL.shape[0], 3
-  cache = NaNPagedSpec(page_size=PAGE, num_pages=b * m).init(cfg, b, m * PAGE)
+  nan_pools = CACHE_KINDS["paged_nan_for_test"]  # tests/decode/conftest.py
+  cache = nan_pools(page_size=PAGE, num_pages=b * m).init(cfg, b, m * PAGE)
   table_BxM = rng.permutation(b * m).reshape(b, m).astype(np.int32)
   table_BxM[-1] = b * m  # NULL_PAGE: the empty row
   cache = cache.replace(table_BxM=jnp.asarray(table_BxM),
