@@ -13,6 +13,7 @@ from decode.generate import decode_fn, generate, plan_for
 from model.kv_cache import growing_windows as cache_windows
 from model.config import ModelConfig
 from model.transformer import Decoder
+from tests.conftest import USER_XLA_OPTIONS
 
 CFG = ModelConfig(vocab_size=53, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   ffn_dim=48, max_seq_len=256, num_experts=4, moe_top_k=2, moe_every=2,
@@ -69,7 +70,7 @@ def test_each_phase_loops_over_its_own_window_without_copying_the_cache(params, 
   args = (params, jnp.ones((batch, width), jnp.int32), jnp.full((batch,), width, jnp.int32),
           proc.SamplingParams.create(rows), jax.random.split(jax.random.key(0), batch),
           (np.float32(1.0), np.int32(1)))
-  hlo = fn.lower(*args).compile().as_text()
+  hlo = fn.lower(*args).compile(USER_XLA_OPTIONS).as_text()
   bodies = [re.search(r"^%" + re.escape(name) + r" .*?^}", hlo, re.M | re.S).group(0)
             for name in re.findall(r" while\(.*?body=%([\w.\-]+)", hlo)]
   shapes = [f"f32[{rows},{w},{CFG.num_kv_heads},{CFG.dim_per_head}]" for w in (128, 160, 196)]

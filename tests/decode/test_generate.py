@@ -15,6 +15,7 @@ from decode.generate import decode_fn, generate, plan_for
 from kernels import moe_cpu
 from model.config import ModelConfig
 from model.transformer import Decoder
+from tests.conftest import USER_XLA_OPTIONS
 
 CFG = ModelConfig(vocab_size=53, d_model=32, num_layers=2, num_heads=4, num_kv_heads=1,
                   ffn_dim=48, max_seq_len=64, num_experts=4, moe_top_k=2, moe_every=2,
@@ -115,7 +116,7 @@ def test_compiled_decode_loop_never_copies_the_kv_cache(params, batch, strategy)
   args = (params, jnp.ones((batch, prompt_len), jnp.int32),
           jnp.full((batch,), prompt_len, jnp.int32), proc.SamplingParams.create(batch),
           jax.random.split(jax.random.key(0), batch), (np.float32(1.0), np.int32(1)))
-  hlo = fn.lower(*args).compile().as_text()
+  hlo = fn.lower(*args).compile(USER_XLA_OPTIONS).as_text()
   shape = f"f32[{batch},{prompt_len + new},{CFG.num_kv_heads},{CFG.dim_per_head}]"
   bodies = [re.search(r"^%" + re.escape(name) + r" .*?^}", hlo, re.M | re.S).group(0)
             for name in re.findall(r" while\(.*?body=%([\w.\-]+)", hlo)]

@@ -21,6 +21,7 @@ from model.config import ModelConfig
 from model.paged_attend import attend_paged
 from model.paged_cache import PagedSpec
 from model.transformer import Decoder
+from tests.conftest import USER_XLA_OPTIONS
 
 BASE = dict(vocab_size=53, d_model=32, num_layers=2, num_heads=4, ffn_dim=48, max_seq_len=64)
 MODELS = {
@@ -178,7 +179,7 @@ def test_compiled_paged_decode_loop_never_copies_the_pool(params, case):
   plan = plan_for(cfg, gen, prompt_BxP.shape[1], len(PROMPTS))
   hlo = decode_fn(cfg, plan).lower(
       params[name], prompt_BxP, lens_B, sp, row_keys(gen, len(PROMPTS)),
-      (np.float32(gen.length_penalty), np.int32(0))).compile().as_text()
+      (np.float32(gen.length_penalty), np.int32(0))).compile(USER_XLA_OPTIONS).as_text()
   pages = plan.cache.pages_needed(prompt_BxP.shape[0] if strategy == "sample" else len(PROMPTS),
                                   plan.cache_len)
   carried, copies = pool_copies(hlo, f"f32[{cfg.num_kv_heads},{pages},4,{cfg.dim_per_head}]")
