@@ -20,7 +20,11 @@ HF time / moelab time, with the range), dev (moelab's devices), MB/step
 the valid cache entries), GB/s (those bytes over moelab's time), bound tok/s
 (reading them once at the streaming bandwidth measured just before the
 case, `stream_bandwidth`, printed as "stream") and "% of bound" (moelab
-tok/s over it). "same" is True when every row's tokens equal HF's, else the
+tok/s over it). Both sides' runs include the prompt's prefill, which is
+compute-bound, not a weight read: "prefill s" times moelab's prefill and
+first token alone (a 1-token run, compiled separately), and "decode tok/s" /
+"decode %" are the other new tokens over the rest of the run, against the
+same bound. "same" is True when every row's tokens equal HF's, else the
 shortest common prefix over the rows (bfloat16 rounding differs between
 the two: the sums run in different orders).
 """
@@ -75,7 +79,8 @@ def real_model_rows(bench, name: str, new: int, prompt_len: int, repeats: int) -
         f"tied {cfg32.tie_embeddings}; prompt {prompt_len}, {new} new tokens, {repeats} rounds")
   print(f"{'dtype':9} {'batch':>5} {'HF tok/s':>9} {'moelab tok/s':>12} {'ratio':>6} "
         f"{'range':>9} {'dev':>3} {'MB/step':>8} {'GB/s':>5} {'stream':>6} {'bound tok/s':>11} "
-        f"{'% bound':>7} {'compile s':>9} {'same':>5}")
+        f"{'% bound':>7} {'prefill s':>9} {'decode tok/s':>12} {'decode %':>8} {'compile s':>9} "
+        f"{'same':>5}")
   rows, rng, last_backend = [], np.random.default_rng(0), None
   for dtype in _DTYPES.value:
     hf = hf32 if dtype == "float32" else copy.deepcopy(hf32).to(getattr(torch, dtype))
@@ -88,6 +93,8 @@ def real_model_rows(bench, name: str, new: int, prompt_len: int, repeats: int) -
       res = bench.interleaved({"hf": bench.hf_runner(hf, prompt, new, 1), "moelab": ml_run},
                               repeats)
       (hf_ts, hf_tok), (ml_ts, ml_tok) = res["hf"], res["moelab"]
+      _, _, first_run = bench.moelab_runner(cfg, params, prompt, 1, 1)
+      prefill_s = float(np.median([first_run()[0] for _ in range(repeats)]))
       ratio, lo, hi = bench.paired_ratio(hf_ts, ml_ts)
       nbytes = bench.decode_bytes(cfg, params, prompt, ml_tok)
       ml_s = float(np.median(ml_ts))
@@ -100,12 +107,16 @@ def real_model_rows(bench, name: str, new: int, prompt_len: int, repeats: int) -
                  same=prefix == new, same_prefix=prefix, new_tokens=new, repeats=repeats,
                  hf_s=hf_ts.tolist(), moelab_s=ml_ts.tolist())
       row["pct_of_bound"] = 100 * row["moelab_tok_s"] / row["bound_tok_s"]
+      row["prefill_s"] = prefill_s
+      row["decode_tok_s"] = b * (new - 1) / max(ml_s - prefill_s, 1e-9)
+      row["decode_pct_of_bound"] = 100 * row["decode_tok_s"] / row["bound_tok_s"]
       rows.append(row)
       same = "True" if row["same"] else f"{prefix}/{new}"
       print(f"{dtype:9} {b:5d} {row['hf_tok_s']:9.1f} {row['moelab_tok_s']:12.1f} {ratio:6.2f} "
             f"{f'{lo:.1f}-{hi:.1f}':>9} {backend.num_devices:3d} {row['mb_per_step']:8.1f} "
             f"{row['gb_s']:5.1f} {stream:6.1f} {row['bound_tok_s']:11.1f} "
-            f"{row['pct_of_bound']:6.0f}% {comp_s:9.2f} {same:>5}", flush=True)
+            f"{row['pct_of_bound']:6.0f}% {prefill_s:9.2f} {row['decode_tok_s']:12.1f} "
+            f"{row['decode_pct_of_bound']:7.0f}% {comp_s:9.2f} {same:>5}", flush=True)
       if backend.describe() != last_backend:
         last_backend = backend.describe()
         print(f"# {last_backend}", flush=True)

@@ -30,6 +30,13 @@
 // in 'km'; 16-lane partial sums over k, then a fixed tree across lanes, then
 // the K % 16 tail in 'mk'), whatever the chunks, the threads or the other rows
 // of x: results do not depend on the thread count, `chunk_bytes` or the batch.
+// With bfloat16 x and W (`x_bf16`: x's values are bfloat16 numbers, widened) and a
+// CPU with AVX512-BF16, both layouts multiply pairs of bfloat16s along k with
+// VDPBF16PS (y += x[k] W[k] + x[k+1] W[k+1], float32 accumulation; each product of
+// two bfloat16s is exact in float32): half the instructions of the float32 FMAs,
+// which bound a step of several rows ('km' Q = 8 rows of W a pass becomes 4 pairs,
+// 'mk' 32 k a vector instead of 16). The order of every sum is again fixed by K.
+//
 // Chunks are claimed from a counter by the calling thread and the pool tasks
 // alike, so a busy core delays only what it claimed and the call finishes
 // even when no pool thread is free; the state lives on the heap because a
@@ -42,8 +49,14 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MOELAB_BF16_DOT 1
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -229,8 +242,153 @@ void ChunkMK(float* y, const float* x, const W* w, int64_t n, int64_t k, int64_t
   for (; c < m1; ++c) DotRows<1>(y, m, x, n, k, w, c, false);
 }
 
+#ifdef MOELAB_BF16_DOT
+// bfloat16 pairs along k: xp[r, p] = (x[r, 2p + 1] << 16) | x[r, 2p] (bfloat16 bits).
+typedef __m512bh BH;
+
+inline BH AsBH(__m512i v) { return (BH)v; }
+
+// 'km', P pairs of W rows a pass: out[r, i] += sum_p x[r, 2p] W[2p, i] + x[r, 2p+1] W[2p+1, i]
+// for columns i < len (the multiple of 16 below it; the caller does the rest).
+// W's two rows of a pair are interleaved in registers (one permute per 16 columns),
+// then serve every row of x.
+template <int P>
+int64_t PairsPass(float* out, int64_t m, const uint32_t* xp, int64_t kp, int64_t rows,
+                  const uint16_t* w, int64_t len, int64_t prefetch_rows) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                      40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                      32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) {
+    for (int64_t q = 0; q < prefetch_rows; ++q) __builtin_prefetch(w + (2 * P + q) * m + i, 0, 2);
+    __m512i wv[P][2];
+    for (int p = 0; p < P; ++p) {
+      const __m512i a = _mm512_loadu_si512(w + 2 * p * m + i);
+      const __m512i b = _mm512_loadu_si512(w + (2 * p + 1) * m + i);
+      wv[p][0] = _mm512_permutex2var_epi16(a, lo, b);
+      wv[p][1] = _mm512_permutex2var_epi16(a, hi, b);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = out + r * m + i;
+      __m512 acc0 = _mm512_loadu_ps(o), acc1 = _mm512_loadu_ps(o + 16);
+      for (int p = 0; p < P; ++p) {
+        const BH xb = AsBH(_mm512_set1_epi32(static_cast<int>(xp[r * kp + p])));
+        acc0 = _mm512_dpbf16_ps(acc0, AsBH(wv[p][0]), xb);
+        acc1 = _mm512_dpbf16_ps(acc1, AsBH(wv[p][1]), xb);
+      }
+      _mm512_storeu_ps(o, acc0);
+      _mm512_storeu_ps(o + 16, acc1);
+    }
+  }
+  if (i + 16 <= len) {
+    __m512i wv[P];
+    for (int p = 0; p < P; ++p) {
+      const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(w + 2 * p * m + i)));
+      const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(w + (2 * p + 1) * m + i)));
+      wv[p] = _mm512_permutex2var_epi16(a, lo, b);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = out + r * m + i;
+      __m512 acc = _mm512_loadu_ps(o);
+      for (int p = 0; p < P; ++p)
+        acc = _mm512_dpbf16_ps(acc, AsBH(wv[p]),
+                               AsBH(_mm512_set1_epi32(static_cast<int>(xp[r * kp + p]))));
+      _mm512_storeu_ps(o, acc);
+    }
+    i += 16;
+  }
+  return i;
+}
+
+// 'km' chunk with bfloat16 x: pairs of W rows (4 a pass, then 1), the columns past
+// the last 16 and an odd last row of W by `RowsPass`'s float32 FMAs.
+void ChunkKMPairs(float* y, const float* x, const uint32_t* xp, const uint16_t* w, int64_t n,
+                  int64_t k, int64_t m, int64_t m0, int64_t m1) {
+  for (int64_t r = 0; r < n; ++r) std::fill(y + r * m + m0, y + r * m + m1, 0.0f);
+  const int64_t kp = (k + 1) / 2, len = m1 - m0;
+  int64_t c = 0, done = len;
+  for (; c + 8 <= k; c += 8)
+    done = PairsPass<4>(y + m0, m, xp + c / 2, kp, n, w + c * m + m0, len,
+                        std::min<int64_t>(8, k - c - 8));
+  for (; c + 2 <= k; c += 2) done = PairsPass<1>(y + m0, m, xp + c / 2, kp, n, w + c * m + m0, len, 0);
+  if (k >= 2 && done < len) {  // the last columns: every pair's two FMAs, in k order
+    for (int64_t j = done; j < len; ++j) {
+      for (int64_t r = 0; r < n; ++r) {
+        float acc = 0.0f;
+        for (int64_t t = 0; t + 1 < k; t += 2) {
+          acc = std::fma(x[r * k + t], Scalar(w[t * m + m0 + j]), acc);
+          acc = std::fma(x[r * k + t + 1], Scalar(w[(t + 1) * m + m0 + j]), acc);
+        }
+        y[r * m + m0 + j] = acc;
+      }
+    }
+  }
+  if (c < k) RowsPass<1, 2>(y + m0, m, x + c, k, n, w + c * m + m0, len, 0);
+}
+
+// 'mk', J rows of W by R rows of x in bfloat16 pairs, 32 k a vector.
+template <int J, int R>
+void DotTilePairs(float* y, int64_t m, const float* x, const uint32_t* xp, int64_t k,
+                  const uint16_t* w, int64_t m0, bool prefetch) {
+  __m512 acc[J][R];
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  const uint16_t* wr = w + m0 * k;
+  const int64_t kp = (k + 1) / 2;
+  int64_t d = 0;
+  for (; d + 32 <= k; d += 32) {
+    if (prefetch) {
+      for (int j = 0; j < J; ++j) __builtin_prefetch(wr + (J + j) * k + d, 0, 2);
+    }
+    __m512i wv[J], xv[R];
+    for (int j = 0; j < J; ++j) wv[j] = _mm512_loadu_si512(wr + j * k + d);
+    for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_si512(xp + r * kp + d / 2);
+    for (int j = 0; j < J; ++j)
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], AsBH(wv[j]), AsBH(xv[r]));
+  }
+  V16 lanes[J * R];
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) std::memcpy(&lanes[j * R + r], &acc[j][r], sizeof(V16));
+  float sums[J * R];
+  LaneSums(lanes, J * R, sums);
+  for (int j = 0; j < J; ++j) {
+    for (int r = 0; r < R; ++r) {
+      float s = sums[j * R + r];
+      for (int64_t t = d; t < k; ++t) s = std::fma(x[r * k + t], Scalar(wr[j * k + t]), s);
+      y[r * m + m0 + j] = s;
+    }
+  }
+}
+
+template <int J>
+void DotRowsPairs(float* y, int64_t m, const float* x, const uint32_t* xp, int64_t n, int64_t k,
+                  const uint16_t* w, int64_t m0, bool prefetch) {
+  const int64_t kp = (k + 1) / 2;
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4, prefetch = false)
+    DotTilePairs<J, 4>(y + r * m, m, x + r * k, xp + r * kp, k, w, m0, prefetch);
+  switch (n - r) {
+    case 3: DotTilePairs<J, 3>(y + r * m, m, x + r * k, xp + r * kp, k, w, m0, prefetch); break;
+    case 2: DotTilePairs<J, 2>(y + r * m, m, x + r * k, xp + r * kp, k, w, m0, prefetch); break;
+    case 1: DotTilePairs<J, 1>(y + r * m, m, x + r * k, xp + r * kp, k, w, m0, prefetch); break;
+    default: break;
+  }
+}
+
+void ChunkMKPairs(float* y, const float* x, const uint32_t* xp, const uint16_t* w, int64_t n,
+                  int64_t k, int64_t m, int64_t m0, int64_t m1) {
+  int64_t c = m0;
+  for (; c + 4 <= m1; c += 4) DotRowsPairs<4>(y, m, x, xp, n, k, w, c, c + 8 <= m1);
+  for (; c < m1; ++c) DotRowsPairs<1>(y, m, x, xp, n, k, w, c, false);
+}
+#endif  // MOELAB_BF16_DOT
+
 struct Shared {
   const float* x;
+  const uint32_t* xp = nullptr;  // x as bfloat16 pairs (the VDPBF16PS path) or null
   const void* w;
   bool bf16, mk;
   int64_t n, k, m, chunks, chunk_len;
@@ -241,6 +399,14 @@ struct Shared {
 // Chunk c: output columns [c * chunk_len, (c + 1) * chunk_len).
 void RunChunk(Shared& s, int64_t c) {
   const int64_t a = c * s.chunk_len, b = std::min(s.m, a + s.chunk_len);
+#ifdef MOELAB_BF16_DOT
+  if (s.xp != nullptr) {
+    const auto* w = static_cast<const uint16_t*>(s.w);
+    if (s.mk) ChunkMKPairs(s.y, s.x, s.xp, w, s.n, s.k, s.m, a, b);
+    else ChunkKMPairs(s.y, s.x, s.xp, w, s.n, s.k, s.m, a, b);
+    return;
+  }
+#endif
   if (s.mk) {
     if (s.bf16) ChunkMK(s.y, s.x, static_cast<const uint16_t*>(s.w), s.n, s.k, s.m, a, b);
     else ChunkMK(s.y, s.x, static_cast<const float*>(s.w), s.n, s.k, s.m, a, b);
@@ -259,7 +425,7 @@ void Work(Shared& s) {
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                       ffi::ResultBuffer<ffi::F32> y, bool transpose_w, int64_t threads,
-                      int64_t chunk_bytes) {
+                      int64_t chunk_bytes, bool x_bf16) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) {
     return ffi::Error::InvalidArgument("matmul: x [N, K] and a 2-D weight");
@@ -280,6 +446,23 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
     return ffi::Error::InvalidArgument("matmul: the weight's contraction size is not K");
   }
   s->y = y->typed_data();
+  std::shared_ptr<std::vector<uint32_t>> pairs;
+#ifdef MOELAB_BF16_DOT
+  if (x_bf16 && bf16 && s->k >= 2) {  // x's values are bfloat16s: their high halves, exactly
+    const int64_t kp = (s->k + 1) / 2;
+    pairs = std::make_shared<std::vector<uint32_t>>(s->n * kp, 0u);
+    for (int64_t r = 0; r < s->n; ++r) {
+      for (int64_t t = 0; t < s->k; ++t) {
+        uint32_t u;
+        std::memcpy(&u, s->x + r * s->k + t, 4);
+        (*pairs)[r * kp + t / 2] |= (u >> 16) << (16 * (t % 2));
+      }
+    }
+    s->xp = pairs->data();
+  }
+#else
+  (void)x_bf16;
+#endif
   // Chunks of about `chunk_bytes` of W, their count rounded up to a multiple
   // of the threads (they finish together), in whole units: 4-row tiles ('mk')
   // or 32-column passes ('km', at most OUT_TILE_BYTES of y wide). The chunks
@@ -298,7 +481,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   s->chunk_len = std::max<int64_t>(1, per) * unit;
   s->chunks = (s->m + s->chunk_len - 1) / s->chunk_len;
   for (int64_t t = 1; t < std::min(threads, s->chunks); ++t) {
-    pool.Schedule([s] { Work(*s); });
+    pool.Schedule([s, pairs] { Work(*s); });
   }
   Work(*s);
   while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
@@ -315,4 +498,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Matmul, MatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_w")
                                   .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("chunk_bytes"));
+                                  .Attr<int64_t>("chunk_bytes")
+                                  .Attr<bool>("x_bf16"));

@@ -46,6 +46,10 @@ def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
            chunk_bytes: int = CHUNK_BYTES):
   """y_NxM float32 (see the module docstring); x is taken as float32.
 
+  A bfloat16 x with a bfloat16 W multiplies in bfloat16 pairs (VDPBF16PS) where
+  the CPU has AVX512-BF16 (kernels/matmul_cpu.cc): the same exact products,
+  summed in another fixed order.
+
   threads: threads of XLA's intra-op pool that share W's read, in chunks
   of about `chunk_bytes` of its output columns (the result depends on
   neither: every sum runs in one order, kernels/matmul_cpu.cc).
@@ -62,7 +66,8 @@ def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_NxK.shape[0], m), jnp.float32),
                           vmap_method="sequential")
   return call(x_NxK.astype(jnp.float32), w, transpose_w=bool(transpose_w),
-              threads=np.int64(max(1, threads)), chunk_bytes=np.int64(max(1, chunk_bytes)))
+              threads=np.int64(max(1, threads)), chunk_bytes=np.int64(max(1, chunk_bytes)),
+              x_bf16=x_NxK.dtype == jnp.bfloat16)
 
 
 def matmul_reference(x_NxK, w, transpose_w: bool = False):

@@ -10,14 +10,17 @@
 // and reads the full table width for every row. Here each (row, kv head) reads the
 // row's valid tokens once, in place in the pools, for the G query heads that share
 // them, with the online softmax (Milakov & Gimelshein 2018, arXiv 1805.02867) over
-// one page at a time:
+// one page at a time (the contiguous cache is read as one page of T slots per row,
+// `layout` 1 below):
 //
 //   m' = max(m, max_s s_s), a = exp(m - m'), l' = a l + sum_s exp(s_s - m'),
 //   acc' = a acc + sum_s exp(s_s - m') v_s,  o = acc / l   (start: the new token)
 //
 // Tasks (b, kv head) are split over the threads of XLA's intra-op pool; slots past
 // a row's length are never read, so whatever free or half-filled pages hold cannot
-// reach o. Shapes: q [B, H, Ek], k_pages [K, P, S, Ek], v_pages [K, P, S, Ev],
+// reach o. Shapes: q [B, H, Ek], k_pages [K, P, S, Ek], v_pages [K, P, S, Ev]
+// (`layout` 0, the paged pools) or [P, S, K, Ek], [P, S, K, Ev] (`layout` 1: the
+// contiguous [B, T, K, E] cache, P = B pages of S = T slots, table [B, 1] = b),
 // table [B, M] int32, len [B] int32, k_new [B, K, Ek], v_new [B, K, Ev] -> o
 // [B, H, Ev]; float32, row-major; table entries are clamped to [0, P).
 
@@ -41,6 +44,8 @@ struct Problem {
   float* o;
   int64_t b, h, kv, p, s, m, ek, ev;
   float scale;
+  // Elements between kv heads, pages and a page's slots, in k and in v (the layout).
+  int64_t k_head, k_page, k_slot, v_head, v_page, v_slot;
 };
 
 // 8 floats, loaded and stored unaligned (GCC/Clang vector extension: one AVX2
@@ -96,16 +101,18 @@ void Task(const Problem& p, int64_t b, int64_t kh) {
   for (int64_t t0 = 0; t0 < len; t0 += p.s) {
     const int64_t page = std::clamp<int64_t>(p.table[b * p.m + t0 / p.s], 0, p.p - 1);
     const int64_t n = std::min(p.s, len - t0);
-    const float* kp = p.k_pages + (kh * p.p + page) * p.s * p.ek;
-    const float* vp = p.v_pages + (kh * p.p + page) * p.s * p.ev;
+    const float* kp = p.k_pages + kh * p.k_head + page * p.k_page;
+    const float* vp = p.v_pages + kh * p.v_head + page * p.v_page;
     if (t0 + p.s < len) {  // the next page is elsewhere in the pool: fetch it ahead
       const int64_t next = std::clamp<int64_t>(p.table[b * p.m + t0 / p.s + 1], 0, p.p - 1);
-      const char* kx = reinterpret_cast<const char*>(p.k_pages + (kh * p.p + next) * p.s * p.ek);
-      const char* vx = reinterpret_cast<const char*>(p.v_pages + (kh * p.p + next) * p.s * p.ev);
-      for (int64_t c = 0; c < p.s * p.ek * 4; c += 64) __builtin_prefetch(kx + c);
-      for (int64_t c = 0; c < p.s * p.ev * 4; c += 64) __builtin_prefetch(vx + c);
+      const float* kx = p.k_pages + kh * p.k_head + next * p.k_page;
+      const float* vx = p.v_pages + kh * p.v_head + next * p.v_page;
+      for (int64_t i = 0; i < p.s; ++i) {
+        for (int64_t e = 0; e < p.ek; e += 16) __builtin_prefetch(kx + i * p.k_slot + e);
+        for (int64_t e = 0; e < p.ev; e += 16) __builtin_prefetch(vx + i * p.v_slot + e);
+      }
     }
-    for (int64_t i = 0; i < n; ++i) scores(kp + i * p.ek, s.data() + i, p.s);
+    for (int64_t i = 0; i < n; ++i) scores(kp + i * p.k_slot, s.data() + i, p.s);
     for (int64_t j = 0; j < g; ++j) {
       float* sj = s.data() + j * p.s;
       float top = m[j];
@@ -120,7 +127,7 @@ void Task(const Problem& p, int64_t b, int64_t kh) {
       l[j] = a * l[j] + sum;
       m[j] = top;
     }
-    for (int64_t i = 0; i < n; ++i) accumulate(vp + i * p.ev, s.data() + i, p.s);
+    for (int64_t i = 0; i < n; ++i) accumulate(vp + i * p.v_slot, s.data() + i, p.s);
   }
   float* o = p.o + (b * p.h + kh * g) * p.ev;
   for (int64_t j = 0; j < g; ++j) {
@@ -148,20 +155,30 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pages,
                               ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> len,
                               ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
-                              ffi::ResultBuffer<ffi::F32> o, int64_t threads, float scale) {
+                              ffi::ResultBuffer<ffi::F32> o, int64_t threads, float scale,
+                              int64_t layout) {
   const auto qd = q.dimensions(), kd = k_pages.dimensions(), vd = v_pages.dimensions();
   const auto td = table.dimensions();
+  const int ax_k = layout == 0 ? 0 : 2, ax_p = layout == 0 ? 1 : 0, ax_s = layout == 0 ? 2 : 1;
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 ||
-      kd[0] != vd[0] || kd[1] != vd[1] || kd[2] != vd[2] || kd[3] != qd[2] ||
-      qd[1] % kd[0] != 0 || td[0] != qd[0]) {
+      (layout != 0 && layout != 1) || kd[0] != vd[0] || kd[1] != vd[1] || kd[2] != vd[2] ||
+      kd[3] != qd[2] || qd[1] % kd[ax_k] != 0 || td[0] != qd[0]) {
     return ffi::Error::InvalidArgument(
-        "paged_attention_cpu: q [B, H, Ek], k_pages [K, P, S, Ek], v_pages [K, P, S, Ev], "
-        "table [B, M]");
+        "paged_attention_cpu: q [B, H, Ek], k/v [K, P, S, Ek/Ev] (layout 0) or "
+        "[P, S, K, Ek/Ev] (layout 1), table [B, M]");
   }
+  const int64_t kv = kd[ax_k], pages = kd[ax_p], slots = kd[ax_s], ek = kd[3], ev = vd[3];
   auto s = std::make_shared<Shared>();
   s->p = {q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), k_new.typed_data(),
           v_new.typed_data(), table.typed_data(), len.typed_data(), o->typed_data(),
-          qd[0], qd[1], kd[0], kd[1], kd[2], td[1], kd[3], vd[3], scale};
+          qd[0], qd[1], kv, pages, slots, td[1], ek, ev, scale};
+  if (layout == 0) {
+    s->p.k_head = pages * slots * ek, s->p.k_page = slots * ek, s->p.k_slot = ek;
+    s->p.v_head = pages * slots * ev, s->p.v_page = slots * ev, s->p.v_slot = ev;
+  } else {
+    s->p.k_head = ek, s->p.k_page = slots * kv * ek, s->p.k_slot = kv * ek;
+    s->p.v_head = ev, s->p.v_page = slots * kv * ev, s->p.v_slot = kv * ev;
+  }
   const int64_t tasks = s->p.b * s->p.kv;
   const int64_t helpers = std::clamp<int64_t>(threads, 1, std::max<int64_t>(tasks, 1)) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s] { Work(*s); });
@@ -184,4 +201,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionCpu, PagedAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("layout"));

@@ -13,6 +13,11 @@ a second read of the cache per step (`paged_decode_attention_reference`, which t
 kernel is tested against). Slots at or past a row's length are never read: stale or
 NaN entries of free or half-filled pages cannot reach o.
 
+`contiguous_decode_attention` is the same kernel over the contiguous cache
+(model/kv_cache.py's [B, T, K, E] buffers), read as one page of T slots per row:
+XLA:CPU runs that step as a chain of small products and reductions, each a few
+tens of microseconds (docs/performance.md, SmolLM2 batch 8).
+
 Built on first use like the other CPU kernels (kernels/cpu_build.py: the system C++
 compiler, jaxlib's FFI headers, `$MOELAB_KERNEL_CACHE`), with -ffast-math added so
 the exp of a page's scores vectorises; `available()` says whether it built.
@@ -51,19 +56,37 @@ def paged_decode_attention(q_BxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE, block_tabl
   threads: threads of XLA's intra-op pool the (row, kv head) tasks are split over
   (None: this process's cores).
   """
+  return _call(q_BxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE, block_tables_BxM, lengths_B,
+               k_new_BxKxE, v_new_BxKxE, scale, threads, layout=0)
+
+
+def contiguous_decode_attention(q_BxHxE, k_BxTxKxE, v_BxTxKxE, lengths_B, k_new_BxKxE,
+                                v_new_BxKxE, *, scale=None, threads=None):
+  """o_BxHxE (Ev wide, q's dtype): `paged_decode_attention` over a contiguous cache.
+
+  Row b attends to its slots t < lengths_B[b] and its new key/value; float32
+  caches only (q is widened to float32 and o rounded back to q's dtype).
+  """
+  table_Bx1 = jnp.arange(q_BxHxE.shape[0], dtype=jnp.int32)[:, None]
+  o = _call(q_BxHxE, k_BxTxKxE, v_BxTxKxE, table_Bx1, lengths_B, k_new_BxKxE, v_new_BxKxE,
+            scale, threads, layout=1)
+  return o.astype(q_BxHxE.dtype)
+
+
+def _call(q_BxHxE, k, v, table_BxM, lengths_B, k_new_BxKxE, v_new_BxKxE, scale, threads,
+          layout: int):
   if not available():
     raise RuntimeError(f"paged_attention_cpu kernel unavailable: "
                        f"{build_error() or 'not the CPU backend'}")
   b, h, e = q_BxHxE.shape
-  ev = v_pages_KxPxSxE.shape[-1]
   scale = e ** -0.5 if scale is None else scale
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, h, ev), jnp.float32),
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, h, v.shape[-1]), jnp.float32),
                           vmap_method="sequential")
   f32 = lambda x: x.astype(jnp.float32)
-  return call(f32(q_BxHxE), f32(k_pages_KxPxSxE), f32(v_pages_KxPxSxE),
-              block_tables_BxM.astype(jnp.int32), lengths_B.astype(jnp.int32),
-              f32(k_new_BxKxE), f32(v_new_BxKxE), threads=np.int64(threads or cores()),
-              scale=np.float32(scale))
+  return call(f32(q_BxHxE), f32(k), f32(v), table_BxM.astype(jnp.int32),
+              lengths_B.astype(jnp.int32), f32(k_new_BxKxE), f32(v_new_BxKxE),
+              threads=np.int64(threads or cores()), scale=np.float32(scale),
+              layout=np.int64(layout))
 
 
 def paged_decode_attention_reference(q_BxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE,

@@ -43,6 +43,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from kernels import paged_attention_cpu
 from model.attention import attend_cached
 from model.cache import register
 from model.config import ModelConfig
@@ -96,8 +97,19 @@ class KVCache:
 
   def attend(self, layer: int, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxL,
              impl: str = "xla"):
-    """The step's queries over slots < positions_BxL[b, 0] and the step's own keys."""
+    """The step's queries over slots < positions_BxL[b, 0] and the step's own keys.
+
+    impl 'cpu' (decode/backend.py's choice on CPU): one-token steps over a float32
+    cache run the C++ kernel (kernels/paged_attention_cpu.py, the cache read as one
+    page per row) when it builds; other steps `attention.attend_cached`.
+    """
     kv = self.layers[layer]
+    if (impl == "cpu" and positions_BxL.shape[1] == 1 and kv.k_BxTxKxE.dtype == jnp.float32
+        and paged_attention_cpu.available()):
+      length_B = jnp.clip(positions_BxL[:, 0], 0, self.max_len)
+      return paged_attention_cpu.contiguous_decode_attention(
+          q_BxLxHxE[:, 0], kv.k_BxTxKxE, kv.v_BxTxKxE, length_B, k_BxLxKxE[:, 0],
+          v_BxLxKxE[:, 0])[:, None]
     start_Bx1x1 = positions_BxL[:, :1, None]
     slot_1x1xT = jnp.arange(self.max_len, dtype=jnp.int32)[None, None]
     cache_mask_BxLxT = jnp.broadcast_to(slot_1x1xT < start_Bx1x1,

@@ -63,10 +63,13 @@ def project(x_BxLxK, w, impl: ModelImpl, dtype, transpose_w: bool = False, out_d
   """
   dt = jnp.dtype(dtype)
   out = jnp.dtype(out_dtype or dt)
-  x, w = x_BxLxK.astype(dt), w.astype(dt)
+  x = x_BxLxK.astype(dt)
   b, l, k = x.shape
   if impl.matmul == "cpu_kernel" and b * l <= DECODE_ROWS:
+    # The kernel widens a stored bfloat16 W in registers: no cast (a pass over all of W).
+    w = w if w.dtype in matmul_cpu.WEIGHT_DTYPES else w.astype(dt)
     y = matmul_cpu.matmul(x.reshape(b * l, k), w, transpose_w, impl.matmul_threads)
     return y.astype(out).reshape(b, l, -1)
+  w = w.astype(dt)
   spec = "blk,mk->blm" if transpose_w else "blk,km->blm"
   return einsum_f32(spec, x, w) if out == jnp.float32 else jnp.einsum(spec, x, w)

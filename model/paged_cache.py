@@ -174,19 +174,19 @@ class PagedKVCache:
              impl: str = "xla"):
     """The step's queries over the row's cached positions and the step's own keys.
 
-    impl 'cpu' (decode/backend.py's choice on CPU): single-token float32 steps run
-    the C++ kernel (kernels/paged_attention_cpu.py), which reads each row's valid
+    impl 'cpu' (decode/backend.py's choice on CPU): single-token steps over float32
+    pools run the C++ kernel (kernels/paged_attention_cpu.py), which reads each row's valid
     tokens in place, when it builds. Otherwise, and for multi-token steps, the XLA
     gather of model/paged_attend.py (its batch axes lead, so there is no layout for
     the block-diagonal CPU form of model/attention.py to avoid).
     """
     kv = self.layers[layer]
     length_B = jnp.clip(jnp.minimum(positions_BxL[:, 0], self.limit_B), 0, self.max_len)
-    if (impl == "cpu" and positions_BxL.shape[1] == 1 and q_BxLxHxE.dtype == jnp.float32
+    if (impl == "cpu" and positions_BxL.shape[1] == 1
         and kv.k_pages_KxPxSxE.dtype == jnp.float32 and paged_attention_cpu.available()):
       return paged_attention_cpu.paged_decode_attention(
           q_BxLxHxE[:, 0], kv.k_pages_KxPxSxE, kv.v_pages_KxPxSxE, self.table_BxM, length_B,
-          k_BxLxKxE[:, 0], v_BxLxKxE[:, 0])[:, None]
+          k_BxLxKxE[:, 0], v_BxLxKxE[:, 0])[:, None].astype(q_BxLxHxE.dtype)
     new_mask_BxLxL = positions_BxL[:, None, :] <= positions_BxL[:, :, None]
     return attend_paged(q_BxLxHxE, kv.k_pages_KxPxSxE, kv.v_pages_KxPxSxE, self.table_BxM,
                         length_B, k_BxLxKxE, v_BxLxKxE, new_mask_BxLxL)

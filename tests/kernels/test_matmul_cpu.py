@@ -2,7 +2,8 @@
 layouts, float32 and bfloat16 weights, sizes that are not multiples of its
 8-row passes, 32-column passes, 4-row tiles or 16-float vectors, and any
 number of threads (chunk_bytes=1 splits a product's output columns into
-chunks of 32 columns of W, 'km', or 4 rows, 'mk')."""
+chunks of 32 columns of W, 'km', or 4 rows, 'mk'); bfloat16 x with bfloat16 W
+takes the VDPBF16PS pairs where the CPU has AVX512-BF16 (the same cases)."""
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,9 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
 SHAPES = [(1, 576, 200), (8, 64, 37), (5, 7, 130), (17, 100, 45)]
 
 
-def problem(n, k, m, transpose_w, dtype, seed=0):
+def problem(n, k, m, transpose_w, dtype, seed=0, x_dtype=jnp.float32):
   kx, kw = jax.random.split(jax.random.key(seed))
-  x = jax.random.normal(kx, (n, k))
+  x = jax.random.normal(kx, (n, k)).astype(x_dtype)
   w = (jax.random.normal(kw, (m, k) if transpose_w else (k, m)) / np.sqrt(k)).astype(dtype)
   return x, w
 
@@ -34,9 +35,12 @@ def test_builds_on_cpu():
 
 @pytest.mark.parametrize("n,k,m", SHAPES)
 @pytest.mark.parametrize("transpose_w", [False, True])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_equals_reference_and_is_independent_of_threads(n, k, m, transpose_w, dtype):
-  x, w = problem(n, k, m, transpose_w, dtype)
+@pytest.mark.parametrize("dtype,x_dtype", [(jnp.float32, jnp.float32),
+                                           (jnp.bfloat16, jnp.float32),
+                                           (jnp.bfloat16, jnp.bfloat16)],  # bf16 pairs
+                         ids=["f32", "bf16_w", "bf16_xw"])
+def test_equals_reference_and_is_independent_of_threads(n, k, m, transpose_w, dtype, x_dtype):
+  x, w = problem(n, k, m, transpose_w, dtype, x_dtype=x_dtype)
   want = matmul_cpu.matmul_reference(x, w, transpose_w)
   one = _matmul(x, w, transpose_w=transpose_w, threads=1, chunk_bytes=1)
   np.testing.assert_allclose(one, want, rtol=2e-5, atol=2e-5)
@@ -48,9 +52,10 @@ def test_equals_reference_and_is_independent_of_threads(n, k, m, transpose_w, dt
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])
-def test_a_row_does_not_depend_on_the_other_rows(transpose_w):
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_a_row_does_not_depend_on_the_other_rows(transpose_w, x_dtype):
   """Row r of a 9-row product equals the 1-row product of row r, bit for bit."""
-  x, w = problem(9, 70, 90, transpose_w, jnp.bfloat16, seed=1)
+  x, w = problem(9, 70, 90, transpose_w, jnp.bfloat16, seed=1, x_dtype=x_dtype)
   rows = _matmul(x, w, transpose_w=transpose_w, threads=2, chunk_bytes=1)
   for r in (0, 4, 8):
     np.testing.assert_array_equal(

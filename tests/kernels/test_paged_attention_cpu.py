@@ -5,6 +5,7 @@ Every case has rows of length 0, 1, one page, not a multiple of the page size an
 the whole table; NaN in every slot no row may read; block tables in a random order
 with random entries past each row's pages; head widths that are and are not
 multiples of the kernel's 8-float vectors, and values narrower than keys (MLA).
+The contiguous-cache form (layout [B, T, K, E]) is checked the same way.
 """
 
 import jax
@@ -74,3 +75,31 @@ def test_custom_scale(helpers):
   want = numpy_attention(helpers, *case, scale=0.3)
   np.testing.assert_allclose(pac.paged_decode_attention(*case, scale=0.3), want,
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("g,ek,ev", [(3, 64, 64), (4, 20, 12)])
+def test_contiguous_layout_equals_float64(helpers, g, ek, ev):
+  """The [B, T, K, E] cache: row b reads slots < lengths[b] (NaN past them) and its new key."""
+  t, lengths = 11, np.asarray([0, 1, 7, 11], np.int32)
+  b = len(lengths)
+  rng = np.random.default_rng(2)
+  k_c = rng.standard_normal((b, t, K, ek)).astype(np.float32)
+  v_c = rng.standard_normal((b, t, K, ev)).astype(np.float32)
+  for r, n in enumerate(lengths):
+    k_c[r, n:], v_c[r, n:] = np.nan, np.nan
+  q = rng.standard_normal((b, K * g, ek)).astype(np.float32)
+  k_new = rng.standard_normal((b, K, ek)).astype(np.float32)
+  v_new = rng.standard_normal((b, K, ev)).astype(np.float32)
+  # The same cache as pools of one page of t slots per row: [K, B, t, E], table [B, 1].
+  as_pages = lambda x: np.ascontiguousarray(x.transpose(2, 0, 1, 3))
+  table = np.arange(b, dtype=np.int32)[:, None]
+  want = numpy_attention(helpers, q, as_pages(k_c), as_pages(v_c), table, lengths, k_new,
+                         v_new, scale=ek ** -0.5)
+  for threads in (1, 3):
+    got = jax.jit(pac.contiguous_decode_attention, static_argnames="threads")(
+        q, k_c, v_c, lengths, k_new, v_new, threads=threads)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  got16 = pac.contiguous_decode_attention(q.astype(jax.numpy.bfloat16), k_c, v_c, lengths,
+                                          k_new, v_new)
+  assert got16.dtype == jax.numpy.bfloat16
