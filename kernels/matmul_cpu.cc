@@ -70,6 +70,10 @@ typedef uint16_t B16 __attribute__((vector_size(32), aligned(2)));
 
 // 'km': widest y[:, m0:m1] block (bytes) a chunk updates per pass (L1-resident).
 constexpr int64_t OUT_TILE_BYTES = 16 << 10;
+// 'km' with bfloat16 pairs: blocks of PAIR_ROWS rows of x (a prompt's prefill has
+// hundreds), each block's y[:, m0:m1] in L1 while the chunk's W columns (in L2
+// after the first block) pass.
+constexpr int64_t PAIR_ROWS = 32;
 
 inline V16 Load(const float* p) { return *reinterpret_cast<const V16*>(p); }
 
@@ -253,8 +257,8 @@ inline BH AsBH(__m512i v) { return (BH)v; }
 // W's two rows of a pair are interleaved in registers (one permute per 16 columns),
 // then serve every row of x.
 template <int P>
-int64_t PairsPass(float* out, int64_t m, const uint32_t* xp, int64_t kp, int64_t rows,
-                  const uint16_t* w, int64_t len, int64_t prefetch_rows) {
+int64_t PairsPass(float* out, int64_t ldo, int64_t m, const uint32_t* xp, int64_t kp,
+                  int64_t rows, const uint16_t* w, int64_t len, int64_t prefetch_rows) {
   const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
                                       40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
                                       32, 0);
@@ -270,7 +274,7 @@ int64_t PairsPass(float* out, int64_t m, const uint32_t* xp, int64_t kp, int64_t
       wv[p][1] = _mm512_permutex2var_epi16(a, hi, b);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      float* o = out + r * m + i;
+      float* o = out + r * ldo + i;
       __m512 acc0 = _mm512_loadu_ps(o), acc1 = _mm512_loadu_ps(o + 16);
       for (int p = 0; p < P; ++p) {
         const BH xb = AsBH(_mm512_set1_epi32(static_cast<int>(xp[r * kp + p])));
@@ -291,7 +295,7 @@ int64_t PairsPass(float* out, int64_t m, const uint32_t* xp, int64_t kp, int64_t
       wv[p] = _mm512_permutex2var_epi16(a, lo, b);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      float* o = out + r * m + i;
+      float* o = out + r * ldo + i;
       __m512 acc = _mm512_loadu_ps(o);
       for (int p = 0; p < P; ++p)
         acc = _mm512_dpbf16_ps(acc, AsBH(wv[p]),
@@ -305,28 +309,45 @@ int64_t PairsPass(float* out, int64_t m, const uint32_t* xp, int64_t kp, int64_t
 
 // 'km' chunk with bfloat16 x: pairs of W rows (4 a pass, then 1), the columns past
 // the last 16 and an odd last row of W by `RowsPass`'s float32 FMAs.
+void ChunkKMPairsRows(float* y, const float* x, const uint32_t* xp, const uint16_t* w,
+                      int64_t n, int64_t k, int64_t m, int64_t m0, int64_t m1);
+
 void ChunkKMPairs(float* y, const float* x, const uint32_t* xp, const uint16_t* w, int64_t n,
                   int64_t k, int64_t m, int64_t m0, int64_t m1) {
-  for (int64_t r = 0; r < n; ++r) std::fill(y + r * m + m0, y + r * m + m1, 0.0f);
+  const int64_t kp = (k + 1) / 2;
+  for (int64_t r = 0; r < n; r += PAIR_ROWS) {
+    ChunkKMPairsRows(y + r * m, x + r * k, xp + r * kp, w, std::min(PAIR_ROWS, n - r), k, m,
+                     m0, m1);
+  }
+}
+
+void ChunkKMPairsRows(float* y, const float* x, const uint32_t* xp, const uint16_t* w,
+                      int64_t n, int64_t k, int64_t m, int64_t m0, int64_t m1) {
+  // The block accumulates in a dense tile: rows of y are m floats apart, and with m a
+  // multiple of 1024 (3072: FFN-in) they all fall in one L1 set and evict each other.
   const int64_t kp = (k + 1) / 2, len = m1 - m0;
+  std::vector<float> tile(n * len, 0.0f);
   int64_t c = 0, done = len;
   for (; c + 8 <= k; c += 8)
-    done = PairsPass<4>(y + m0, m, xp + c / 2, kp, n, w + c * m + m0, len,
+    done = PairsPass<4>(tile.data(), len, m, xp + c / 2, kp, n, w + c * m + m0, len,
                         std::min<int64_t>(8, k - c - 8));
-  for (; c + 2 <= k; c += 2) done = PairsPass<1>(y + m0, m, xp + c / 2, kp, n, w + c * m + m0, len, 0);
-  if (k >= 2 && done < len) {  // the last columns: every pair's two FMAs, in k order
-    for (int64_t j = done; j < len; ++j) {
-      for (int64_t r = 0; r < n; ++r) {
-        float acc = 0.0f;
-        for (int64_t t = 0; t + 1 < k; t += 2) {
-          acc = std::fma(x[r * k + t], Scalar(w[t * m + m0 + j]), acc);
-          acc = std::fma(x[r * k + t + 1], Scalar(w[(t + 1) * m + m0 + j]), acc);
-        }
-        y[r * m + m0 + j] = acc;
+  for (; c + 2 <= k; c += 2)
+    done = PairsPass<1>(tile.data(), len, m, xp + c / 2, kp, n, w + c * m + m0, len, 0);
+  for (int64_t r = 0; r < n; ++r) {
+    float* t = tile.data() + r * len;
+    for (int64_t j = done; j < len; ++j) {  // the last columns: each pair's two FMAs, in k order
+      float acc = 0.0f;
+      for (int64_t q = 0; q + 1 < k; q += 2) {
+        acc = std::fma(x[r * k + q], Scalar(w[q * m + m0 + j]), acc);
+        acc = std::fma(x[r * k + q + 1], Scalar(w[(q + 1) * m + m0 + j]), acc);
       }
+      t[j] = acc;
     }
+    if (c < k) {  // an odd last row of W
+      for (int64_t j = 0; j < len; ++j) t[j] = std::fma(x[r * k + c], Scalar(w[c * m + m0 + j]), t[j]);
+    }
+    std::memcpy(y + r * m + m0, t, len * sizeof(float));
   }
-  if (c < k) RowsPass<1, 2>(y + m0, m, x + c, k, n, w + c * m + m0, len, 0);
 }
 
 // 'mk', J rows of W by R rows of x in bfloat16 pairs, 32 k a vector.
@@ -475,7 +496,8 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   if (chunks > 1) chunks = (chunks + threads - 1) / threads * threads;
   int64_t per = (units + std::max<int64_t>(1, chunks) - 1) / std::max<int64_t>(1, chunks);
   if (!transpose_w) {
-    const int64_t tile_units = OUT_TILE_BYTES / (4 * unit * std::max<int64_t>(1, s->n));
+    const int64_t rows = s->xp != nullptr ? std::min(s->n, PAIR_ROWS) : s->n;
+    const int64_t tile_units = OUT_TILE_BYTES / (4 * unit * std::max<int64_t>(1, rows));
     per = std::min(per, std::max<int64_t>(1, tile_units));
   }
   s->chunk_len = std::max<int64_t>(1, per) * unit;

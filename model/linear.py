@@ -8,8 +8,10 @@ the model), the product accumulated in float32 and returned in `dtype`
 (or `out_dtype`: the unembedding returns float32 logits via `einsum_f32`).
 With impl.matmul 'cpu_kernel' (decode/backend.py picks it on CPU) a product
 of at most DECODE_ROWS rows, a decode step, runs in the C++ kernel of
-kernels/matmul_cpu.py, which reads W once, in place, for all rows; larger
-products (prefill, training) and impl.matmul 'xla' are XLA dots.
+kernels/matmul_cpu.py, which reads W once, in place, for all rows; so does a
+bfloat16 product of any size (a prompt's prefill: XLA:CPU widens every bf16
+weight in a pass of its own before its dot, docs/performance.md). Other
+products (float32 prefill, training) and impl.matmul 'xla' are XLA dots.
 """
 
 from __future__ import annotations
@@ -65,9 +67,11 @@ def project(x_BxLxK, w, impl: ModelImpl, dtype, transpose_w: bool = False, out_d
   out = jnp.dtype(out_dtype or dt)
   x = x_BxLxK.astype(dt)
   b, l, k = x.shape
-  if impl.matmul == "cpu_kernel" and b * l <= DECODE_ROWS:
-    # The kernel widens a stored bfloat16 W in registers: no cast (a pass over all of W).
-    w = w if w.dtype in matmul_cpu.WEIGHT_DTYPES else w.astype(dt)
+  if impl.matmul == "cpu_kernel" and (b * l <= DECODE_ROWS or dt == jnp.bfloat16):
+    # The kernel widens a stored bfloat16 W in registers, exactly: no pass over all of
+    # W to cast it to a float32 `dtype`.
+    if w.dtype != dt and not (w.dtype == jnp.bfloat16 and dt == jnp.float32):
+      w = w.astype(dt)
     y = matmul_cpu.matmul(x.reshape(b * l, k), w, transpose_w, impl.matmul_threads)
     return y.astype(out).reshape(b, l, -1)
   w = w.astype(dt)

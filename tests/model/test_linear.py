@@ -1,6 +1,6 @@
-"""model/linear.project: the decode-sized products run the C++ matrix kernel
-exactly when impl.matmul is 'cpu_kernel' and the step has at most DECODE_ROWS
-rows, with the XLA dot's result; the model's layers and logits go through it."""
+"""model/linear.project: the decode-sized products (and bfloat16 products of any
+size) run the C++ matrix kernel exactly when impl.matmul is 'cpu_kernel', with
+the XLA dot's result; the model's layers and logits go through it."""
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,9 @@ def test_kernel_exactly_for_decode_sized_products(rows, transpose_w, dtype):
   tol = 1e-5 if dtype == "float32" else 2e-2
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              rtol=tol, atol=tol)
-  assert (matmul_cpu.TARGET in f.lower(x, w).as_text()) == (rows <= DECODE_ROWS)
+  # bfloat16 products of any size (a prefill) take the kernel too.
+  assert (matmul_cpu.TARGET in f.lower(x, w).as_text()) == (rows <= DECODE_ROWS
+                                                           or dtype == "bfloat16")
 
 
 @pytest.mark.parametrize("tie", [True, False])
