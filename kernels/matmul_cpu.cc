@@ -325,16 +325,24 @@ void ChunkKMPairsRows(float* y, const float* x, const uint32_t* xp, const uint16
                       int64_t n, int64_t k, int64_t m, int64_t m0, int64_t m1) {
   // The block accumulates in a dense tile: rows of y are m floats apart, and with m a
   // multiple of 1024 (3072: FFN-in) they all fall in one L1 set and evict each other.
+  // A decode step's few rows fit one set's ways: they accumulate in y itself (the
+  // same sums in the same order either way).
   const int64_t kp = (k + 1) / 2, len = m1 - m0;
-  std::vector<float> tile(n * len, 0.0f);
+  const bool direct = n <= 8;
+  std::vector<float> tile(direct ? 0 : n * len, 0.0f);
+  float* acc = direct ? y + m0 : tile.data();
+  const int64_t ldo = direct ? m : len;
+  if (direct) {
+    for (int64_t r = 0; r < n; ++r) std::fill(acc + r * ldo, acc + r * ldo + len, 0.0f);
+  }
   int64_t c = 0, done = len;
   for (; c + 8 <= k; c += 8)
-    done = PairsPass<4>(tile.data(), len, m, xp + c / 2, kp, n, w + c * m + m0, len,
+    done = PairsPass<4>(acc, ldo, m, xp + c / 2, kp, n, w + c * m + m0, len,
                         std::min<int64_t>(8, k - c - 8));
   for (; c + 2 <= k; c += 2)
-    done = PairsPass<1>(tile.data(), len, m, xp + c / 2, kp, n, w + c * m + m0, len, 0);
+    done = PairsPass<1>(acc, ldo, m, xp + c / 2, kp, n, w + c * m + m0, len, 0);
   for (int64_t r = 0; r < n; ++r) {
-    float* t = tile.data() + r * len;
+    float* t = acc + r * ldo;
     for (int64_t j = done; j < len; ++j) {  // the last columns: each pair's two FMAs, in k order
       float acc = 0.0f;
       for (int64_t q = 0; q + 1 < k; q += 2) {
@@ -346,7 +354,7 @@ void ChunkKMPairsRows(float* y, const float* x, const uint32_t* xp, const uint16
     if (c < k) {  // an odd last row of W
       for (int64_t j = 0; j < len; ++j) t[j] = std::fma(x[r * k + c], Scalar(w[c * m + m0 + j]), t[j]);
     }
-    std::memcpy(y + r * m + m0, t, len * sizeof(float));
+    if (!direct) std::memcpy(y + r * m + m0, t, len * sizeof(float));
   }
 }
 
