@@ -83,9 +83,10 @@ def routing(seed, k, e=E):
 def test_dropless_equals_capacity_without_drops(k):
   x, w_in, w_out = weights(1)
   expert, gate = routing(1, k)
-  y_cap, kept = moe_lib.capacity_moe(x, expert, gate, w_in, w_out, capacity=N * k)
+  y_cap, kept = jax.jit(moe_lib.capacity_moe, static_argnames="capacity")(
+      x, expert, gate, w_in, w_out, capacity=N * k)
   assert bool(kept.all())
-  y_drop = moe_lib.dropless_moe(x, expert, gate, w_in, w_out)
+  y_drop = jax.jit(moe_lib.dropless_moe)(x, expert, gate, w_in, w_out)
   np.testing.assert_allclose(y_cap, y_drop, atol=1e-5)
 
 
@@ -155,15 +156,16 @@ def test_dropless_small_and_grouped_paths_equal_capacity(n):
   w_out = jax.random.normal(k[2], (E, F, D)) * 0.3
   top_logits, expert = jax.lax.top_k(jax.random.normal(k[3], (n, E)), 2)
   gate = jax.nn.softmax(top_logits, -1)
-  y_cap, _ = moe_lib.capacity_moe(x, expert, gate, w_in, w_out, capacity=2 * n)
+  # Jitted: one compile per path instead of one per eager op and size.
+  capacity = jax.jit(moe_lib.capacity_moe, static_argnames="capacity")
+  dropless = jax.jit(moe_lib.dropless_moe, static_argnums=(5, 6))
+  y_cap, _ = capacity(x, expert, gate, w_in, w_out, capacity=2 * n)
   for impl in ("xla", "cpu"):
-    np.testing.assert_allclose(moe_lib.dropless_moe(x, expert, gate, w_in, w_out, impl), y_cap,
-                               atol=1e-5)
+    np.testing.assert_allclose(dropless(x, expert, gate, w_in, w_out, impl), y_cap, atol=1e-5)
   if jax.default_backend() == "cpu":  # the C++ CPU expert kernel (decode steps, N <= SMALL_N)
     for threads in (1, 2):
-      np.testing.assert_allclose(
-          moe_lib.dropless_moe(x, expert, gate, w_in, w_out, "cpu_kernel", threads), y_cap,
-          atol=1e-5)
+      np.testing.assert_allclose(dropless(x, expert, gate, w_in, w_out, "cpu_kernel", threads),
+                                 y_cap, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 5, dispatch.SMALL_N, dispatch.SMALL_N + 1])
@@ -176,10 +178,10 @@ def test_kernel_threads_run_the_cpu_kernel_exactly_for_small_steps(n):
                     moe_top_k=2, moe_dispatch="dropless", vocab_size=11)
   x = jax.random.normal(jax.random.key(3), (1, n, D))
   layer = moe_lib.MoE(cfg)
-  params = layer.init(jax.random.key(0), x)["params"]
-  y, _ = layer.apply({"params": params}, x)
+  params = jax.jit(layer.init)(jax.random.key(0), x)["params"]
+  y, _ = jax.jit(layer.apply)({"params": params}, x)
   kernel_layer = moe_lib.MoE(cfg, ModelImpl(moe="cpu_kernel", moe_threads=2))
-  y_kernel, _ = kernel_layer.apply({"params": params}, x)
+  y_kernel, _ = jax.jit(kernel_layer.apply)({"params": params}, x)
   np.testing.assert_allclose(y_kernel, y, atol=1e-5)
   hlo = jax.jit(kernel_layer.apply).lower({"params": params}, x).as_text()
   assert (moe_cpu.TARGET in hlo) == (n <= dispatch.SMALL_N)
