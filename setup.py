@@ -7,7 +7,7 @@ setuptools.setup(
     description="JAX/Flax research codebase for sparse MoE decoder LMs and fast decoding.",
     python_requires=">=3.11",
     packages=["configs", "model", "train", "decode", "kernels", "experiments"],
-    package_data={"kernels": ["*.cc"]},  # C++ kernels, built on first use (kernels/moe_cpu.py)
+    package_data={"kernels": ["*.cc", "*.h"]},  # C++ kernels, built on first use (kernels/moe_cpu.py)
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

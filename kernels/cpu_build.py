@@ -6,7 +6,7 @@
 The source beside this file is compiled with the system C++ compiler
 (`$CXX`, else `c++`) against jaxlib's FFI headers into
 `$MOELAB_KERNEL_CACHE` (default `~/.cache/moelab`), keyed by a hash of the
-source, the compiler and flags, the jaxlib version and the CPU's feature
+source and the headers beside it that it includes, the compiler and flags, the jaxlib version and the CPU's feature
 flags (it is built with -march=native), so a second process loads the cached
 library. Without a compiler, or when the build fails, `available()` is
 False and `build_error()` says why; callers then run their XLA reference.
@@ -20,6 +20,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -51,6 +52,21 @@ def cpu_flags() -> bytes:
     return platform.processor().encode()
 
 
+def local_sources(source: pathlib.Path) -> list[pathlib.Path]:
+  """`source` and the headers beside it that it includes (`#include "x.h"`), recursively:
+  what the build's cache key hashes."""
+  found, todo = [], [source]
+  while todo:
+    f = todo.pop()
+    if f in found:
+      continue
+    found.append(f)
+    for name in re.findall(r'^#include "([^"]+)"', f.read_text(), re.M):
+      if (source.parent / name).exists():
+        todo.append(source.parent / name)
+  return found
+
+
 class CppKernel:
   """One C++ source of `kernels/` and its FFI handlers {target name: symbol},
   compiled with `flags` (default FLAGS)."""
@@ -69,7 +85,8 @@ class CppKernel:
     if cxx is None:
       self._error = "no C++ compiler ($CXX or c++ on PATH)"
       return None
-    key = hashlib.sha256(self.source.read_bytes() + " ".join(self.flags).encode() + cxx.encode()
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in local_sources(self.source))
+                         + " ".join(self.flags).encode() + cxx.encode()
                          + jaxlib.__version__.encode() + cpu_flags()).hexdigest()[:16]
     lib = cache_dir() / f"{self.source.stem}_{key}.so"
     try:

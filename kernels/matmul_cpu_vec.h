@@ -1,0 +1,101 @@
+// Vector helpers of the CPU matrix kernel (kernels/matmul_cpu.cc, its only user):
+// 16-float vectors, bfloat16 widening, the fixed lane-sum tree, the 'mk' tiling.
+
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace {
+
+// 16 floats and 16 bfloat16s, loaded unaligned (GCC/Clang vector extensions;
+// one AVX-512 register, or two AVX2 ones).
+typedef float V16 __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t U16x32 __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t B16 __attribute__((vector_size(32), aligned(2)));
+
+inline V16 Load(const float* p) { return *reinterpret_cast<const V16*>(p); }
+
+// bfloat16 is the high half of a float32: widen to 32 bits and shift.
+inline V16 Load(const uint16_t* p) {
+  U16x32 u = __builtin_convertvector(*reinterpret_cast<const B16*>(p), U16x32) << 16;
+  V16 f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline float Scalar(float w) { return w; }
+inline float Scalar(uint16_t w) {
+  uint32_t u = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// One level of a lane-sum tree over two vectors: in blocks of W lanes, a's and
+// b's blocks alternate, each the sum of the two halves of one of their 2W-lane
+// blocks (indices: block g = i / W takes a (g even) or b at 2W (g / 2) + i % W).
+template <int W>
+V16 Fold(V16 a, V16 b);
+template <>
+inline V16 Fold<8>(V16 a, V16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                 31);
+}
+template <>
+inline V16 Fold<4>(V16 a, V16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+template <>
+inline V16 Fold<2>(V16 a, V16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+template <>
+inline V16 Fold<1>(V16 a, V16 b) {
+  return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+// sums[j] = the 16 lanes of v[j] summed, j < count <= 16, by the same tree
+// for every j (lane i + 8 first, then + 4, + 2, + 1); after four levels of
+// `Fold` lane i holds the sum of v[bit-reversed i].
+inline void LaneSums(const V16* v, int count, float* sums) {
+  V16 a[16];
+  for (int j = 0; j < 16; ++j) a[j] = j < count ? v[j] : V16{};
+  for (int j = 0; j < 8; ++j) a[j] = Fold<8>(a[2 * j], a[2 * j + 1]);
+  for (int j = 0; j < 4; ++j) a[j] = Fold<4>(a[2 * j], a[2 * j + 1]);
+  for (int j = 0; j < 2; ++j) a[j] = Fold<2>(a[2 * j], a[2 * j + 1]);
+  const V16 all = Fold<1>(a[0], a[1]);
+  for (int j = 0; j < count; ++j) {
+    const int r = ((j & 1) << 3) | ((j & 2) << 1) | ((j & 4) >> 1) | ((j & 8) >> 3);
+    sums[j] = all[r];
+  }
+}
+
+// The 'mk' tiling: W rows [m0, m1) in tiles of J = 4 (then single rows), each by rows
+// of x in tiles of R = 4 (then the 1-3 left): tile(c, r, J, R, prefetch) with J and R
+// std::integral_constants; a W tile's first x tile prefetches the next W tile.
+template <typename Tile>
+void ForTiles(int64_t m0, int64_t m1, int64_t n, Tile tile) {
+  using std::integral_constant;
+  auto rows = [&](int64_t c, auto j, bool prefetch) {
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4, prefetch = false)
+      tile(c, r, j, integral_constant<int, 4>{}, prefetch);
+    switch (n - r) {
+      case 3: tile(c, r, j, integral_constant<int, 3>{}, prefetch); break;
+      case 2: tile(c, r, j, integral_constant<int, 2>{}, prefetch); break;
+      case 1: tile(c, r, j, integral_constant<int, 1>{}, prefetch); break;
+      default: break;
+    }
+  };
+  int64_t c = m0;
+  for (; c + 4 <= m1; c += 4) rows(c, integral_constant<int, 4>{}, c + 8 <= m1);
+  for (; c < m1; ++c) rows(c, integral_constant<int, 1>{}, false);
+}
+
+}  // namespace
