@@ -1,4 +1,4 @@
-// Vector helpers of the CPU matrix kernel (kernels/matmul_cpu.cc, its only user):
+// Vector helpers of the CPU kernels (kernels/matmul_cpu.cc, paged_attention_cpu.cc):
 // 16-float vectors, bfloat16 widening, the fixed lane-sum tree, the 'mk' tiling.
 
 #pragma once

@@ -28,10 +28,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
 
+#include "matmul_cpu_vec.h"  // V16, Load, LaneSums
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -48,59 +50,133 @@ struct Problem {
   int64_t k_head, k_page, k_slot, v_head, v_page, v_slot;
 };
 
-// 8 floats, loaded and stored unaligned (GCC/Clang vector extension: one AVX2
-// register, half an AVX-512 one).
-typedef float V8 __attribute__((vector_size(32), aligned(4)));
-
-inline V8 Load(const float* x) { return *reinterpret_cast<const V8*>(x); }
-
-inline float Sum(V8 v) {
-  float acc = 0.0f;
-  for (int i = 0; i < 8; ++i) acc += v[i];
-  return acc;
+// exp(x) lane by lane, x clamped to [-87, 88] (Cephes' expf: x = n ln 2 + r, a
+// degree-5 polynomial in r, 2^n by the exponent bits); inline, where a libmvec call
+// would spill every live vector register around it.
+inline V16 Exp(V16 x) {
+  typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));
+  const V16 lo = V16{} - 87.0f, hi = V16{} + 88.0f;
+  x = x < lo ? lo : (x > hi ? hi : x);
+  V16 n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + 0.5f, I16), V16);
+  n = n > x * 1.44269504f + 0.5f ? n - 1.0f : n;  // floor (the conversion truncates)
+  const V16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V16 y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
+  V16 two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return y * two_n;
 }
 
-// Row b, kv head kh: its G query heads over the row's tokens and its new token. A
-// page's keys and values are loaded once for all G heads: per token, each 8-float
-// chunk of k feeds G products, each chunk of v G accumulations. Built with
-// -ffast-math (kernels/paged_attention_cpu.py) so the exp of a page's scores is
-// vectorised; every value read is finite (slots past a row's length are never read).
+// Tokens a block scores and accumulates at once: their keys and values stay in L1
+// between the two passes and the G heads.
+constexpr int64_t kBlock = 32;
+const V16 kLane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+inline float Sum(V16 v) {
+  float x = 0.0f;
+  for (int i = 0; i < 16; ++i) x += v[i];
+  return x;
+}
+
+// f(C, e0) over [0, e) in groups of C <= 8 chunks of 16 floats (C a
+// std::integral_constant, so a group's C vectors live in registers); the
+// e % 16 floats left are the caller's.
+template <typename F>
+void ForChunks(int64_t e, F f) {
+  using std::integral_constant;
+  int64_t e0 = 0;
+  for (; e0 + 128 <= e; e0 += 128) f(integral_constant<int, 8>{}, e0);
+  switch ((e - e0) / 16) {
+    case 7: f(integral_constant<int, 7>{}, e0); break;
+    case 6: f(integral_constant<int, 6>{}, e0); break;
+    case 5: f(integral_constant<int, 5>{}, e0); break;
+    case 4: f(integral_constant<int, 4>{}, e0); break;
+    case 3: f(integral_constant<int, 3>{}, e0); break;
+    case 2: f(integral_constant<int, 2>{}, e0); break;
+    case 1: f(integral_constant<int, 1>{}, e0); break;
+    default: break;
+  }
+}
+
+// part[i] += q[:16 C] * k_i[:16 C] lane by lane, k_i = k + i * slot, i < n.
+template <int C>
+void DotChunks(const float* q, const float* k, int64_t slot, int64_t n, V16* part) {
+  V16 qc[C];
+  for (int c = 0; c < C; ++c) qc[c] = Load(q + 16 * c);
+  for (int64_t i = 0; i < n; ++i) {
+    V16 x = part[i];
+    for (int c = 0; c < C; ++c) x += qc[c] * Load(k + i * slot + 16 * c);
+    part[i] = x;
+  }
+}
+
+// acc[:16 C] = a acc[:16 C] + sum_i w[i] v_i[:16 C], v_i = v + i * slot, i < n.
+template <int C>
+void AxpyChunks(const float* w, const float* v, int64_t slot, int64_t n, float a, float* acc) {
+  V16 y[C];
+  for (int c = 0; c < C; ++c) y[c] = a * Load(acc + 16 * c);
+  for (int64_t i = 0; i < n; ++i) {
+    const V16 wi = V16{} + w[i];
+    for (int c = 0; c < C; ++c) y[c] += wi * Load(v + i * slot + 16 * c);
+  }
+  for (int c = 0; c < C; ++c) std::memcpy(acc + 16 * c, &y[c], sizeof(V16));
+}
+
+// Row b, kv head kh: its G query heads over the row's tokens and its new token, in
+// blocks of kBlock tokens within a page. A block's keys are scored for all G heads
+// (each head's 16-lane partial dots reduced 16 tokens at a time by `LaneSums`), its
+// scores update the online softmax, and its values are accumulated for all G heads
+// (each head's accumulator in registers over the block). Built with -ffast-math
+// (kernels/paged_attention_cpu.py) so the max over a block vectorises; every value read is
+// finite (slots past a row's length are never read).
 void Task(const Problem& p, int64_t b, int64_t kh) {
-  const int64_t g = p.h / p.kv, ek8 = p.ek / 8 * 8, ev8 = p.ev / 8 * 8;
-  const float* q = p.q + (b * p.h + kh * g) * p.ek;  // [G, Ek]
-  std::vector<float> m(g), l(g, 1.0f), acc(g * p.ev), s(g * p.s);
-  std::vector<V8> part(g);
-  auto scores = [&](const float* k, float* out, int64_t stride) {  // out[j * stride] = q_j . k
-    for (int64_t j = 0; j < g; ++j) part[j] = V8{};
-    for (int64_t e = 0; e < ek8; e += 8) {
-      const V8 kc = Load(k + e);
-      for (int64_t j = 0; j < g; ++j) part[j] += Load(q + j * p.ek + e) * kc;
-    }
+  const int64_t g = p.h / p.kv, ek16 = p.ek / 16 * 16, ev16 = p.ev / 16 * 16;
+  std::vector<float> q(g * p.ek), m(g), l(g, 1.0f), a(g), acc(g * p.ev), s(g * kBlock);
+  std::vector<V16> part(kBlock);
+  const float* q_in = p.q + (b * p.h + kh * g) * p.ek;
+  for (int64_t i = 0; i < g * p.ek; ++i) q[i] = p.scale * q_in[i];  // the scale, once
+  // s[j kBlock + i] = q_j . k_i for the block's n tokens k_i = k + i * slot.
+  auto scores = [&](const float* k, int64_t slot, int64_t n) {
     for (int64_t j = 0; j < g; ++j) {
-      float x = Sum(part[j]);
-      for (int64_t e = ek8; e < p.ek; ++e) x += q[j * p.ek + e] * k[e];
-      out[j * stride] = p.scale * x;
+      const float* qj = q.data() + j * p.ek;
+      float* sj = s.data() + j * kBlock;
+      std::fill(part.begin(), part.begin() + n, V16{});
+      ForChunks(p.ek, [&](auto c, int64_t e0) { DotChunks<c>(qj + e0, k + e0, slot, n, part.data()); });
+      for (int64_t i0 = 0; i0 < n; i0 += 16)
+        LaneSums(part.data() + i0, static_cast<int>(std::min<int64_t>(16, n - i0)), sj + i0);
+      for (int64_t e = ek16; e < p.ek; ++e)
+        for (int64_t i = 0; i < n; ++i) sj[i] += qj[e] * k[i * slot + e];
     }
   };
-  auto accumulate = [&](const float* v, const float* w, int64_t stride) {  // acc_j += w_j v
-    for (int64_t e = 0; e < ev8; e += 8) {
-      const V8 vc = Load(v + e);
-      for (int64_t j = 0; j < g; ++j) {
-        V8* a = reinterpret_cast<V8*>(acc.data() + j * p.ev + e);
-        *a += w[j * stride] * vc;
+  // acc_j = a_j acc_j + sum_i s_j[i] v_i.
+  auto accumulate = [&](const float* v, int64_t slot, int64_t n) {
+    for (int64_t j = 0; j < g; ++j) {
+      const float* w = s.data() + j * kBlock;
+      float* acc_j = acc.data() + j * p.ev;
+      ForChunks(p.ev, [&](auto c, int64_t e0) { AxpyChunks<c>(w, v + e0, slot, n, a[j], acc_j + e0); });
+      for (int64_t e = ev16; e < p.ev; ++e) {
+        float y = a[j] * acc_j[e];
+        for (int64_t i = 0; i < n; ++i) y += w[i] * v[i * slot + e];
+        acc_j[e] = y;
       }
     }
-    for (int64_t e = ev8; e < p.ev; ++e) {
-      for (int64_t j = 0; j < g; ++j) acc[j * p.ev + e] += w[j * stride] * v[e];
-    }
   };
-  const std::vector<float> ones(g, 1.0f);
-  scores(p.k_new + (b * p.kv + kh) * p.ek, m.data(), 1);  // start from the new token
-  accumulate(p.v_new + (b * p.kv + kh) * p.ev, ones.data(), 1);
+  const float* k_new = p.k_new + (b * p.kv + kh) * p.ek;  // start from the new token
+  const float* v_new = p.v_new + (b * p.kv + kh) * p.ev;
+  for (int64_t j = 0; j < g; ++j) {
+    float x = 0.0f;
+    for (int64_t e = 0; e < p.ek; ++e) x += q[j * p.ek + e] * k_new[e];
+    m[j] = x;
+    std::copy(v_new, v_new + p.ev, acc.data() + j * p.ev);
+  }
   const int64_t len = std::clamp<int64_t>(p.len[b], 0, p.m * p.s);
   for (int64_t t0 = 0; t0 < len; t0 += p.s) {
     const int64_t page = std::clamp<int64_t>(p.table[b * p.m + t0 / p.s], 0, p.p - 1);
-    const int64_t n = std::min(p.s, len - t0);
     const float* kp = p.k_pages + kh * p.k_head + page * p.k_page;
     const float* vp = p.v_pages + kh * p.v_head + page * p.v_page;
     if (t0 + p.s < len) {  // the next page is elsewhere in the pool: fetch it ahead
@@ -112,22 +188,27 @@ void Task(const Problem& p, int64_t b, int64_t kh) {
         for (int64_t e = 0; e < p.ev; e += 16) __builtin_prefetch(vx + i * p.v_slot + e);
       }
     }
-    for (int64_t i = 0; i < n; ++i) scores(kp + i * p.k_slot, s.data() + i, p.s);
-    for (int64_t j = 0; j < g; ++j) {
-      float* sj = s.data() + j * p.s;
-      float top = m[j];
-      for (int64_t i = 0; i < n; ++i) top = std::max(top, sj[i]);
-      const float a = std::exp(m[j] - top);
-      float sum = 0.0f;
-      for (int64_t i = 0; i < n; ++i) {
-        sj[i] = std::exp(sj[i] - top);
-        sum += sj[i];
+    const int64_t page_n = std::min(p.s, len - t0);
+    for (int64_t i0 = 0; i0 < page_n; i0 += kBlock) {
+      const int64_t n = std::min(kBlock, page_n - i0);
+      scores(kp + i0 * p.k_slot, p.k_slot, n);
+      for (int64_t j = 0; j < g; ++j) {  // the online softmax's update
+        float* sj = s.data() + j * kBlock;
+        float top = m[j];
+        for (int64_t i = 0; i < n; ++i) top = std::max(top, sj[i]);
+        a[j] = Exp(V16{} + (m[j] - top))[0];
+        V16 sum{};
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {  // lanes past n: garbage in, 0 out
+          V16 e = Exp(Load(sj + i0) - top);
+          e = kLane < static_cast<float>(n - i0) ? e : V16{};
+          std::memcpy(sj + i0, &e, sizeof(e));
+          sum += e;
+        }
+        l[j] = a[j] * l[j] + Sum(sum);
+        m[j] = top;
       }
-      for (int64_t e = 0; e < p.ev; ++e) acc[j * p.ev + e] *= a;
-      l[j] = a * l[j] + sum;
-      m[j] = top;
+      accumulate(vp + i0 * p.v_slot, p.v_slot, n);
     }
-    for (int64_t i = 0; i < n; ++i) accumulate(vp + i * p.v_slot, s.data() + i, p.s);
   }
   float* o = p.o + (b * p.h + kh * g) * p.ev;
   for (int64_t j = 0; j < g; ++j) {

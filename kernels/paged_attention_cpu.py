@@ -20,7 +20,7 @@ tens of microseconds (docs/performance.md, SmolLM2 batch 8).
 
 Built on first use like the other CPU kernels (kernels/cpu_build.py: the system C++
 compiler, jaxlib's FFI headers, `$MOELAB_KERNEL_CACHE`), with -ffast-math added so
-the exp of a page's scores vectorises; `available()` says whether it built.
+the max over a block's scores vectorises; `available()` says whether it built.
 
 Shapes: B rows, H query heads, K kv heads, G = H / K, E head width (Ek keys and
 queries, Ev values), P pages, S page size, M pages per row, T = M * S.

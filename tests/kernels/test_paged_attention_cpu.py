@@ -4,7 +4,8 @@ reference against float64 NumPy.
 Every case has rows of length 0, 1, one page, not a multiple of the page size and
 the whole table; NaN in every slot no row may read; block tables in a random order
 with random entries past each row's pages; head widths that are and are not
-multiples of the kernel's 8-float vectors, and values narrower than keys (MLA).
+multiples of the kernel's 16-float vectors and wider than one group of 8 of them,
+values narrower than keys (MLA), and pages longer than the kernel's 32-token blocks.
 The contiguous-cache form (layout [B, T, K, E]) is checked the same way.
 """
 
@@ -58,7 +59,7 @@ def test_builds_on_cpu():
 
 
 @pytest.mark.parametrize("g,ek,ev,s", [(1, 8, 8, 4), (2, 32, 32, 16), (4, 20, 12, 8),
-                                       (3, 64, 64, 4)])
+                                       (3, 64, 64, 4), (2, 144, 136, 48)])
 def test_equals_reference_and_float64(helpers, g, ek, ev, s):
   case = make_case(helpers, g, ek, ev, s)
   want = numpy_attention(helpers, *case, scale=ek ** -0.5)
@@ -70,17 +71,19 @@ def test_equals_reference_and_float64(helpers, g, ek, ev, s):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_custom_scale(helpers):
-  case = make_case(helpers, 2, 16, 16, 4, seed=1)
-  want = numpy_attention(helpers, *case, scale=0.3)
-  np.testing.assert_allclose(pac.paged_decode_attention(*case, scale=0.3), want,
+@pytest.mark.parametrize("scale", [0.3, 8.0])
+def test_custom_scale(helpers, scale):
+  """8.0: scores of +-100 and more, so most weights underflow to 0 (the exp's clamp)."""
+  case = make_case(helpers, 2, 16, 16, 40, seed=1)
+  want = numpy_attention(helpers, *case, scale=scale)
+  np.testing.assert_allclose(pac.paged_decode_attention(*case, scale=scale), want,
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("g,ek,ev", [(3, 64, 64), (4, 20, 12)])
-def test_contiguous_layout_equals_float64(helpers, g, ek, ev):
+@pytest.mark.parametrize("g,ek,ev,t", [(3, 64, 64, 11), (4, 20, 12, 11), (3, 64, 64, 75)])
+def test_contiguous_layout_equals_float64(helpers, g, ek, ev, t):
   """The [B, T, K, E] cache: row b reads slots < lengths[b] (NaN past them) and its new key."""
-  t, lengths = 11, np.asarray([0, 1, 7, 11], np.int32)
+  lengths = np.asarray([0, 1, 7, t], np.int32)
   b = len(lengths)
   rng = np.random.default_rng(2)
   k_c = rng.standard_normal((b, t, K, ek)).astype(np.float32)
