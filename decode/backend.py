@@ -51,9 +51,12 @@ from model.paged_cache import PagedSpec
 # XLA:CPU debug options (decode loops only). Region-analysis copy insertion
 # proves the step's cache read precedes its in-place write and inserts no
 # whole-cache copy per layer and step; without the tree-reduction rewriter
-# every norm / softmax reduction is one kernel instead of two.
+# every norm / softmax reduction is one kernel instead of two; YNNPACK fuses
+# dots only (a prefill's), as its fusion of a step's [B, D] norm reduction
+# costs ~12 us a call where XLA's own loop takes a few.
 COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True,
-                    "xla_disable_hlo_passes": "tree_reduction_rewriter"}
+                    "xla_disable_hlo_passes": "tree_reduction_rewriter",
+                    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 # With the rows split over CPU devices (one per core), YNNPACK fusions would
 # spread an op over the shared intra-op threads and wait for the other
 # device's core; an empty list of fusion types turns them off.

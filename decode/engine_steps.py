@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from decode import processors as proc
 from decode.generate import make_step_fn
+from decode.sampling import greedy_tokens
 
 
 @flax.struct.dataclass
@@ -116,7 +117,7 @@ def programs(cfg, impl, *, active: tuple, min_tokens_to_keep: int, chunk: int,
     def body(carry):
       i, s, out_BxC = carry
       s_BxV = proc.process(s.logits_BxV, s.sp, s.presence_BxV, active, min_tokens_to_keep)
-      x_B = jnp.argmax(s_BxV, axis=-1).astype(jnp.int32)
+      x_B = greedy_tokens(s_BxV)
       if sample:
         keys_B = jax.vmap(jax.random.fold_in)(s.key_B, s.generated_B)
         drawn_B = jax.vmap(jax.random.categorical)(keys_B, s_BxV).astype(jnp.int32)

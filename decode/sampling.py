@@ -49,6 +49,18 @@ class SampleState:
   rng_B: jax.Array              # [B] PRNG keys, one per row
 
 
+def greedy_tokens(s_BxV):
+  """int32 [B]: jnp.argmax(s_BxV, -1) (the first maximum; the first NaN if any).
+
+  As a max and a min over the masked indices: XLA:CPU runs argmax's variadic
+  (value, index) reduce element by element, 4-8x slower at a 49k vocabulary.
+  """
+  top_Bx1 = jnp.max(s_BxV, axis=-1, keepdims=True)
+  i_BxV = jax.lax.broadcasted_iota(jnp.int32, s_BxV.shape, 1)
+  hit_BxV = (s_BxV == top_Bx1) | jnp.isnan(s_BxV)
+  return jnp.min(jnp.where(hit_BxV, i_BxV, s_BxV.shape[1]), axis=-1)
+
+
 def choose_tokens(logits_BxV, params: proc.SamplingParams, presence_BxV, rng_B, *,
                   strategy: str, active: Sequence[str], min_tokens_to_keep: int = 1):
   """Processes the logits and picks one token per row. Returns int32 [B].
@@ -59,7 +71,7 @@ def choose_tokens(logits_BxV, params: proc.SamplingParams, presence_BxV, rng_B, 
   """
   s_BxV = proc.process(logits_BxV, params, presence_BxV, active, min_tokens_to_keep)
   if strategy == "greedy":
-    return jnp.argmax(s_BxV, axis=-1).astype(jnp.int32)
+    return greedy_tokens(s_BxV)
   if strategy == "sample":
     return jax.vmap(jax.random.categorical)(rng_B, s_BxV).astype(jnp.int32)
   raise ValueError(f"strategy must be one of {STRATEGIES} (got {strategy!r})")

@@ -172,11 +172,13 @@ def test_cpu_expert_kernel_decodes_the_same_as_xla(params, strategy):
 
 def test_cpu_compiler_options_per_device_count_and_unknown_options_left_out(monkeypatch):
   """Region-analysis copy insertion and no tree-reduction rewriter always;
-  YNNPACK fusions off only when the rows are split over several devices; an
-  option XLA:CPU does not know is dropped instead of failing the compile."""
+  YNNPACK fusing dots only on one device and nothing when the rows are split
+  over several; an option XLA:CPU does not know is dropped instead of failing
+  the compile."""
   one, split = cpu_compiler_options(1), cpu_compiler_options(2)
   assert one == {"xla_cpu_copy_insertion_use_region_analysis": True,
-                 "xla_disable_hlo_passes": "tree_reduction_rewriter"}
+                 "xla_disable_hlo_passes": "tree_reduction_rewriter",
+                 "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
   assert split == dict(one, xla_cpu_experimental_ynn_fusion_type="")
   monkeypatch.setattr(backend_module, "COMPILER_OPTIONS",
                       dict(backend_module.COMPILER_OPTIONS, xla_cpu_no_such_option=True))

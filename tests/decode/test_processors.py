@@ -9,7 +9,7 @@ import torch
 from transformers.generation import logits_process as hf
 
 from decode import processors as proc
-from decode.sampling import choose_tokens
+from decode.sampling import choose_tokens, greedy_tokens
 
 V = 40
 
@@ -113,3 +113,19 @@ def test_sampling_frequencies_match_processed_distribution():
   # And the test has power: the unprocessed distribution is rejected.
   raw = np.asarray(jax.nn.softmax(logits[0])).astype(np.float64)
   assert scipy.stats.chisquare(counts, raw * n / raw.sum())[1] < 1e-6
+
+
+def test_greedy_tokens_is_argmax():
+  """First maximum on ties, first NaN if any, 0 for an all -inf row; 49k vocabulary."""
+  rng = np.random.default_rng(3)
+  s = rng.standard_normal((7, 49152)).astype(np.float32)
+  s[1, [5, 9000, 40000]] = 10.0                 # ties
+  s[2, [700, 30]] = np.nan                      # NaN wins, the first one
+  s[3] = -np.inf
+  s[4, -1] = np.inf
+  s[5] = 2.0                                    # all equal
+  s[6, 0] = np.nan
+  got = jax.jit(greedy_tokens)(s)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, jnp.argmax(s, axis=-1))
+  np.testing.assert_array_equal(got, [int(np.argmax(s[0])), 5, 30, 0, 49151, 0, 0])
