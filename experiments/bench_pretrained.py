@@ -18,9 +18,9 @@ Columns: tok/s of each (median of the rounds), ratio (median of the rounds'
 HF time / moelab time, with the range), dev (moelab's devices), MB/step
 (`decode_bytes`: every weight once, the tied embedding as the unembedding,
 the valid cache entries), GB/s (those bytes over moelab's time), bound tok/s
-(reading them once at the streaming bandwidth measured just before the
-case, `stream_bandwidth`, printed as "stream") and "% of bound" (moelab
-tok/s over it). Both sides' runs include the prompt's prefill, which is
+(reading them once at the streaming bandwidth, `stream_bandwidth`, measured
+in every round beside both sides and printed as "stream", the median over
+the rounds, as the tok/s are) and "% of bound" (moelab tok/s over it). Both sides' runs include the prompt's prefill, which is
 compute-bound, not a weight read: "prefill s" times moelab's prefill and
 first token alone (a 1-token run, compiled separately), and "decode tok/s" /
 "decode %" are the other new tokens over the rest of the run, against the
@@ -89,10 +89,12 @@ def real_model_rows(bench, name: str, new: int, prompt_len: int, repeats: int) -
     for b in map(int, _BATCHES.value):
       prompt = rng.integers(3, cfg.vocab_size, (b, prompt_len)).astype(np.int32)
       comp_s, backend, ml_run = bench.moelab_runner(cfg, params, prompt, new, 1)
-      stream = bench.stream_bandwidth()
-      res = bench.interleaved({"hf": bench.hf_runner(hf, prompt, new, 1), "moelab": ml_run},
-                              repeats)
+      # The stream is read in every round too, next to both sides (its "time" is GB/s).
+      res = bench.interleaved({"hf": bench.hf_runner(hf, prompt, new, 1), "moelab": ml_run,
+                               "stream": lambda: (bench.stream_bandwidth(), None)}, repeats)
       (hf_ts, hf_tok), (ml_ts, ml_tok) = res["hf"], res["moelab"]
+      streams = res["stream"][0]
+      stream = float(np.median(streams))
       _, _, first_run = bench.moelab_runner(cfg, params, prompt, 1, 1)
       prefill_s = float(np.median([first_run()[0] for _ in range(repeats)]))
       ratio, lo, hi = bench.paired_ratio(hf_ts, ml_ts)
@@ -103,6 +105,7 @@ def real_model_rows(bench, name: str, new: int, prompt_len: int, repeats: int) -
                  moelab_tok_s=b * new / ml_s, ratio=ratio, ratio_range=(lo, hi),
                  devices=backend.num_devices, moelab_backend=backend.describe(),
                  mb_per_step=nbytes / new / 1e6, gb_s=nbytes / ml_s / 1e9, stream_gb_s=stream,
+                 stream_gb_s_rounds=streams.tolist(),
                  bound_tok_s=b * new * stream * 1e9 / nbytes, compile_s=comp_s,
                  same=prefix == new, same_prefix=prefix, new_tokens=new, repeats=repeats,
                  hf_s=hf_ts.tolist(), moelab_s=ml_ts.tolist())
