@@ -3,7 +3,7 @@
 //   layout 'km':  W [K, M],  y[n, m] = sum_k x[n, k] W[k, m]
 //   layout 'mk':  W [M, K],  y[n, m] = sum_k x[n, k] W[m, k]     (a tied unembedding)
 //
-// x [N, K] float32, W float32 or bfloat16, y [N, M] float32; accumulation in
+// x [N, K] and W float32 or bfloat16, y [N, M] float32; accumulation in
 // float32 (a bfloat16 weight is widened exactly, in registers), by fused
 // multiply-adds (explicit in the scalar tails, so that a column computes the
 // same in every code path).
@@ -31,8 +31,7 @@
 // in 'km'; 16-lane partial sums over k, then a fixed tree across lanes, then
 // the K % 16 tail in 'mk'), whatever the chunks, the threads or the other rows
 // of x: results do not depend on the thread count, `chunk_bytes` or the batch.
-// With bfloat16 x and W (`x_bf16`: x's values are bfloat16 numbers, widened) and a
-// CPU with AVX512-BF16, both layouts multiply pairs of bfloat16s along k with
+// With bfloat16 x and W and a CPU with AVX512-BF16, both layouts multiply pairs of bfloat16s along k with
 // VDPBF16PS (y += x[k] W[k] + x[k+1] W[k+1], float32 accumulation; each product of
 // two bfloat16s is exact in float32): half the instructions of the float32 FMAs,
 // which bound a step of several rows ('km' Q = 8 rows of W a pass becomes 4 pairs,
@@ -197,19 +196,30 @@ void Work(Shared& s) {
   }
 }
 
-ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                       ffi::ResultBuffer<ffi::F32> y, bool transpose_w, int64_t threads,
-                      int64_t chunk_bytes, bool x_bf16) {
+                      int64_t chunk_bytes) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) {
     return ffi::Error::InvalidArgument("matmul: x [N, K] and a 2-D weight");
   }
   const bool bf16 = w.element_type() == ffi::DataType::BF16;
-  if (!bf16 && w.element_type() != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument("matmul: the weight must be float32 or bfloat16");
+  const bool x_bf16 = x.element_type() == ffi::DataType::BF16;
+  if ((!bf16 && w.element_type() != ffi::DataType::F32) ||
+      (!x_bf16 && x.element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("matmul: x and the weight must be float32 or bfloat16");
   }
   auto s = std::make_shared<Shared>();
-  s->x = x.typed_data();
+  // A bfloat16 x widened once (small next to W); kept alive for the pool tasks.
+  std::shared_ptr<std::vector<float>> x_wide;
+  if (x_bf16) {
+    const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
+    x_wide = std::make_shared<std::vector<float>>(xd[0] * xd[1]);
+    for (int64_t i = 0; i < xd[0] * xd[1]; ++i) (*x_wide)[i] = Scalar(xb[i]);
+    s->x = x_wide->data();
+  } else {
+    s->x = static_cast<const float*>(x.untyped_data());
+  }
   s->w = w.untyped_data();
   s->bf16 = bf16;
   s->mk = transpose_w;
@@ -222,20 +232,17 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   s->y = y->typed_data();
   std::shared_ptr<std::vector<uint32_t>> pairs;
 #ifdef MOELAB_BF16_DOT
-  if (x_bf16 && bf16 && s->k >= 2) {  // x's values are bfloat16s: their high halves, exactly
+  if (x_bf16 && bf16 && s->k >= 2) {  // x[k] in the low half, x[k + 1] in the high
+    const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
     const int64_t kp = (s->k + 1) / 2;
     pairs = std::make_shared<std::vector<uint32_t>>(s->n * kp, 0u);
     for (int64_t r = 0; r < s->n; ++r) {
       for (int64_t t = 0; t < s->k; ++t) {
-        uint32_t u;
-        std::memcpy(&u, s->x + r * s->k + t, 4);
-        (*pairs)[r * kp + t / 2] |= (u >> 16) << (16 * (t % 2));
+        (*pairs)[r * kp + t / 2] |= static_cast<uint32_t>(xb[r * s->k + t]) << (16 * (t % 2));
       }
     }
     s->xp = pairs->data();
   }
-#else
-  (void)x_bf16;
 #endif
   // Chunks of about `chunk_bytes` of W, their count rounded up to a multiple
   // of the threads (they finish together), in whole units: 4-row tiles ('mk')
@@ -256,7 +263,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   s->chunk_len = std::max<int64_t>(1, per) * unit;
   s->chunks = (s->m + s->chunk_len - 1) / s->chunk_len;
   for (int64_t t = 1; t < std::min(threads, s->chunks); ++t) {
-    pool.Schedule([s, pairs] { Work(*s); });
+    pool.Schedule([s, pairs, x_wide] { Work(*s); });
   }
   Work(*s);
   while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
@@ -268,10 +275,9 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Matmul, MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_w")
                                   .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("chunk_bytes")
-                                  .Attr<bool>("x_bf16"));
+                                  .Attr<int64_t>("chunk_bytes"));

@@ -44,7 +44,7 @@ def build_error() -> str:
 
 def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
            chunk_bytes: int = CHUNK_BYTES):
-  """y_NxM float32 (see the module docstring); x is taken as float32.
+  """y_NxM float32 (see the module docstring); x is taken as float32 unless bfloat16.
 
   A bfloat16 x with a bfloat16 W multiplies in bfloat16 pairs (VDPBF16PS) where
   the CPU has AVX512-BF16 (kernels/matmul_cpu.cc): the same exact products,
@@ -65,9 +65,9 @@ def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
                      f"(transpose_w={transpose_w})")
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_NxK.shape[0], m), jnp.float32),
                           vmap_method="sequential")
-  return call(x_NxK.astype(jnp.float32), w, transpose_w=bool(transpose_w),
-              threads=np.int64(max(1, threads)), chunk_bytes=np.int64(max(1, chunk_bytes)),
-              x_bf16=x_NxK.dtype == jnp.bfloat16)
+  x = x_NxK if x_NxK.dtype == jnp.bfloat16 else x_NxK.astype(jnp.float32)
+  return call(x, w, transpose_w=bool(transpose_w), threads=np.int64(max(1, threads)),
+              chunk_bytes=np.int64(max(1, chunk_bytes)))
 
 
 def matmul_reference(x_NxK, w, transpose_w: bool = False):
