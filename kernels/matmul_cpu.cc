@@ -3,7 +3,7 @@
 //   layout 'km':  W [K, M],  y[n, m] = sum_k x[n, k] W[k, m]
 //   layout 'mk':  W [M, K],  y[n, m] = sum_k x[n, k] W[m, k]     (a tied unembedding)
 //
-// x [N, K] and W float32 or bfloat16, y [N, M] float32; accumulation in
+// x [N, K], W and y [N, M] float32 or bfloat16; accumulation in
 // float32 (a bfloat16 weight is widened exactly, in registers), by fused
 // multiply-adds (explicit in the scalar tails, so that a column computes the
 // same in every code path).
@@ -165,7 +165,8 @@ struct Shared {
   const void* w;
   bool bf16, mk;
   int64_t n, k, m, chunks, chunk_len;
-  float* y;
+  float* y;                  // the float32 sums
+  uint16_t* y16 = nullptr;   // a bfloat16 y, rounded from them chunk by chunk, or null
   std::atomic<int64_t> next{0}, done{0};
 };
 
@@ -189,15 +190,30 @@ void RunChunk(Shared& s, int64_t c) {
   }
 }
 
+// y16[:, columns of chunk c] = y's, rounded to nearest even (NaN stays NaN), as XLA's convert.
+void RoundChunk(Shared& s, int64_t c) {
+  const int64_t a = c * s.chunk_len, b = std::min(s.m, a + s.chunk_len);
+  for (int64_t r = 0; r < s.n; ++r) {
+    for (int64_t i = a; i < b; ++i) {
+      const float f = s.y[r * s.m + i];
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      s.y16[r * s.m + i] = f != f ? static_cast<uint16_t>((u >> 16) | 0x40)
+                                  : static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    }
+  }
+}
+
 void Work(Shared& s) {
   for (int64_t c; (c = s.next.fetch_add(1, std::memory_order_acq_rel)) < s.chunks;) {
     RunChunk(s, c);
+    if (s.y16 != nullptr) RoundChunk(s, c);
     s.done.fetch_add(1, std::memory_order_acq_rel);
   }
 }
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                      ffi::ResultBuffer<ffi::F32> y, bool transpose_w, int64_t threads,
+                      ffi::Result<ffi::AnyBuffer> y, bool transpose_w, int64_t threads,
                       int64_t chunk_bytes) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) {
@@ -205,9 +221,11 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   }
   const bool bf16 = w.element_type() == ffi::DataType::BF16;
   const bool x_bf16 = x.element_type() == ffi::DataType::BF16;
+  const bool y_bf16 = y->element_type() == ffi::DataType::BF16;
   if ((!bf16 && w.element_type() != ffi::DataType::F32) ||
-      (!x_bf16 && x.element_type() != ffi::DataType::F32)) {
-    return ffi::Error::InvalidArgument("matmul: x and the weight must be float32 or bfloat16");
+      (!x_bf16 && x.element_type() != ffi::DataType::F32) ||
+      (!y_bf16 && y->element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("matmul: x, the weight and y must be float32 or bfloat16");
   }
   auto s = std::make_shared<Shared>();
   // A bfloat16 x widened once (small next to W); kept alive for the pool tasks.
@@ -229,7 +247,15 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if ((transpose_w ? wd[1] : wd[0]) != s->k) {
     return ffi::Error::InvalidArgument("matmul: the weight's contraction size is not K");
   }
-  s->y = y->typed_data();
+  // A bfloat16 y: the float32 sums go to a buffer of their own, kept alive for the pool tasks.
+  std::shared_ptr<std::vector<float>> y_wide;
+  if (y_bf16) {
+    y_wide = std::make_shared<std::vector<float>>(s->n * s->m);
+    s->y = y_wide->data();
+    s->y16 = static_cast<uint16_t*>(y->untyped_data());
+  } else {
+    s->y = static_cast<float*>(y->untyped_data());
+  }
   std::shared_ptr<std::vector<uint32_t>> pairs;
 #ifdef MOELAB_BF16_DOT
   if (x_bf16 && bf16 && s->k >= 2) {  // x[k] in the low half, x[k + 1] in the high
@@ -263,7 +289,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   s->chunk_len = std::max<int64_t>(1, per) * unit;
   s->chunks = (s->m + s->chunk_len - 1) / s->chunk_len;
   for (int64_t t = 1; t < std::min(threads, s->chunks); ++t) {
-    pool.Schedule([s, pairs, x_wide] { Work(*s); });
+    pool.Schedule([s, pairs, x_wide, y_wide] { Work(*s); });
   }
   Work(*s);
   while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
@@ -277,7 +303,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Matmul, MatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("transpose_w")
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("chunk_bytes"));

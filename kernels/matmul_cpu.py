@@ -43,8 +43,11 @@ def build_error() -> str:
 
 
 def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
-           chunk_bytes: int = CHUNK_BYTES):
-  """y_NxM float32 (see the module docstring); x is taken as float32 unless bfloat16.
+           chunk_bytes: int = CHUNK_BYTES, out_dtype=jnp.float32):
+  """y_NxM in `out_dtype` (see the module docstring); x is taken as float32 unless bfloat16.
+
+  out_dtype: float32, or bfloat16 (the float32 sums rounded to nearest even in
+  the kernel, as `.astype` would: no separate XLA op per product).
 
   A bfloat16 x with a bfloat16 W multiplies in bfloat16 pairs (VDPBF16PS) where
   the CPU has AVX512-BF16 (kernels/matmul_cpu.cc): the same exact products,
@@ -63,7 +66,9 @@ def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
   if k_w != x_NxK.shape[1]:
     raise ValueError(f"matmul_cpu: contraction sizes differ: x {x_NxK.shape}, w {w.shape} "
                      f"(transpose_w={transpose_w})")
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_NxK.shape[0], m), jnp.float32),
+  if jnp.dtype(out_dtype) not in WEIGHT_DTYPES:
+    raise ValueError(f"matmul_cpu: out_dtype must be float32 or bfloat16 (got {out_dtype})")
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_NxK.shape[0], m), out_dtype),
                           vmap_method="sequential")
   x = x_NxK if x_NxK.dtype == jnp.bfloat16 else x_NxK.astype(jnp.float32)
   return call(x, w, transpose_w=bool(transpose_w), threads=np.int64(max(1, threads)),

@@ -72,8 +72,9 @@ def project(x_BxLxK, w, impl: ModelImpl, dtype, transpose_w: bool = False, out_d
     # W to cast it to a float32 `dtype`.
     if w.dtype != dt and not (w.dtype == jnp.bfloat16 and dt == jnp.float32):
       w = w.astype(dt)
-    y = matmul_cpu.matmul(x.reshape(b * l, k), w, transpose_w, impl.matmul_threads)
-    return y.astype(out).reshape(b, l, -1)
+    y = matmul_cpu.matmul(x.reshape(b * l, k), w, transpose_w, impl.matmul_threads,
+                          out_dtype=out)
+    return y.reshape(b, l, -1)
   w = w.astype(dt)
   spec = "blk,mk->blm" if transpose_w else "blk,km->blm"
   return einsum_f32(spec, x, w) if out == jnp.float32 else jnp.einsum(spec, x, w)

@@ -25,7 +25,8 @@ def problem(n, k, m, transpose_w, dtype, seed=0, x_dtype=jnp.float32):
   return x, w
 
 
-_matmul = jax.jit(matmul_cpu.matmul, static_argnames=("transpose_w", "threads", "chunk_bytes"))
+_matmul = jax.jit(matmul_cpu.matmul,
+                  static_argnames=("transpose_w", "threads", "chunk_bytes", "out_dtype"))
 
 
 def test_builds_on_cpu():
@@ -60,6 +61,22 @@ def test_a_row_does_not_depend_on_the_other_rows(transpose_w, x_dtype):
   for r in (0, 4, 8):
     np.testing.assert_array_equal(
         rows[r], _matmul(x[r:r + 1], w, transpose_w=transpose_w, threads=1, chunk_bytes=1)[0])
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_bfloat16_out_is_the_float32_out_rounded(transpose_w):
+  """Bit for bit XLA's convert (nearest even), NaN and infinities included, any chunks."""
+  x, w = problem(5, 40, 70, transpose_w, jnp.bfloat16, seed=3, x_dtype=jnp.bfloat16)
+  w = w.at[(slice(None), 0) if not transpose_w else (0, slice(None))].set(jnp.nan)
+  w = w.at[(slice(None), 1) if not transpose_w else (1, slice(None))].set(jnp.inf)
+  x = x * 300.0  # sums with low bits to round
+  want = _matmul(x, w, transpose_w=transpose_w).astype(jnp.bfloat16)
+  for threads, chunk in ((1, 1), (2, 1 << 19), (3, 1)):
+    got = _matmul(x, w, transpose_w=transpose_w, threads=threads, chunk_bytes=chunk,
+                  out_dtype=jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
+                                  np.asarray(want).view(np.uint16))
 
 
 def test_reference_is_the_float64_product():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model.config import ModelConfig
-from model.transformer import Decoder
+from model.transformer import Decoder, take_rows
 from model import attention
 
 TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
@@ -73,3 +73,23 @@ def test_moe_every_places_moe_blocks_and_stacks_stats():
   assert aux["stats"].expert_frac_X.shape == (2, 4)
   np.testing.assert_allclose(aux["stats"].expert_frac_X.sum(-1), 1.0, atol=1e-6)
   assert float(aux["loss"]) > 0
+
+
+def test_take_rows_is_take_with_its_gradient_and_no_float32_table_copy():
+  """A bf16 table's rows are gathered as bits: same rows, same gradient as
+  jnp.take, and a loop that reads one row a step holds no float32 copy of it."""
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray([[1, 6], [0, 6]])
+  for dt in (jnp.bfloat16, jnp.float16, jnp.float32):
+    t = jnp.asarray(rng.standard_normal((7, 3)), dt)
+    np.testing.assert_array_equal(take_rows(t, ids), jnp.take(t, ids, axis=0))
+    loss = lambda f: lambda t: (f(t).astype(jnp.float32) ** 2).sum()
+    np.testing.assert_array_equal(jax.grad(loss(lambda t: take_rows(t, ids)))(t),
+                                  jax.grad(loss(lambda t: jnp.take(t, ids, axis=0)))(t))
+  table = jnp.ones((4099, 64), jnp.bfloat16)
+
+  def loop(t):
+    body = lambda k, acc: acc + take_rows(t, (k * 7 + acc[:1, 0].astype(jnp.int32)) % 4099
+                                          ).astype(jnp.float32)
+    return jax.lax.fori_loop(0, 5, body, jnp.zeros((1, 64), jnp.float32))
+  assert "f32[4099,64]" not in jax.jit(loop).lower(table).compile().as_text()
