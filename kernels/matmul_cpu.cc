@@ -190,16 +190,12 @@ void RunChunk(Shared& s, int64_t c) {
   }
 }
 
-// y16[:, columns of chunk c] = y's, rounded to nearest even (NaN stays NaN), as XLA's convert.
+// y16[:, columns of chunk c] = y's, rounded (`RoundBf16`).
 void RoundChunk(Shared& s, int64_t c) {
   const int64_t a = c * s.chunk_len, b = std::min(s.m, a + s.chunk_len);
   for (int64_t r = 0; r < s.n; ++r) {
     for (int64_t i = a; i < b; ++i) {
-      const float f = s.y[r * s.m + i];
-      uint32_t u;
-      std::memcpy(&u, &f, 4);
-      s.y16[r * s.m + i] = f != f ? static_cast<uint16_t>((u >> 16) | 0x40)
-                                  : static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+      s.y16[r * s.m + i] = RoundBf16(s.y[r * s.m + i]);
     }
   }
 }

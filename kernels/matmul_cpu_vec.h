@@ -1,5 +1,5 @@
 // Vector helpers of the CPU kernels (kernels/matmul_cpu.cc, paged_attention_cpu.cc):
-// 16-float vectors, bfloat16 widening, the fixed lane-sum tree, the 'mk' tiling.
+// 16-float vectors, bfloat16 widening and rounding, the fixed lane-sum tree, the 'mk' tiling.
 
 #pragma once
 
@@ -31,6 +31,14 @@ inline float Scalar(uint16_t w) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
+}
+
+// float32 -> bfloat16, rounded to nearest even (NaN stays a NaN), as XLA's convert.
+inline uint16_t RoundBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if (f != f) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
 // One level of a lane-sum tree over two vectors: in blocks of W lanes, a's and

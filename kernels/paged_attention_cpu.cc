@@ -22,7 +22,9 @@
 // (`layout` 0, the paged pools) or [P, S, K, Ek], [P, S, K, Ev] (`layout` 1: the
 // contiguous [B, T, K, E] cache, P = B pages of S = T slots, table [B, 1] = b),
 // table [B, M] int32, len [B] int32, k_new [B, K, Ek], v_new [B, K, Ev] -> o
-// [B, H, Ev]; float32, row-major; table entries are clamped to [0, P).
+// [B, H, Ev]; row-major; the pools float32, q, k_new, v_new and o all float32 or
+// all bfloat16 (widened on read, o rounded to nearest even); table entries are
+// clamped to [0, P).
 
 #include <algorithm>
 #include <atomic>
@@ -41,9 +43,11 @@ namespace ffi = xla::ffi;
 namespace {
 
 struct Problem {
-  const float *q, *k_pages, *v_pages, *k_new, *v_new;
+  const void *q, *k_new, *v_new;  // float32, or bfloat16 when `bf16` (and then o too)
+  const float *k_pages, *v_pages;
   const int32_t *table, *len;
-  float* o;
+  void* o;
+  bool bf16;
   int64_t b, h, kv, p, s, m, ek, ev;
   float scale;
   // Elements between kv heads, pages and a page's slots, in k and in v (the layout).
@@ -138,8 +142,11 @@ void Task(const Problem& p, int64_t b, int64_t kh) {
   const int64_t g = p.h / p.kv, ek16 = p.ek / 16 * 16, ev16 = p.ev / 16 * 16;
   std::vector<float> q(g * p.ek), m(g), l(g, 1.0f), a(g), acc(g * p.ev), s(g * kBlock);
   std::vector<V16> part(kBlock);
-  const float* q_in = p.q + (b * p.h + kh * g) * p.ek;
-  for (int64_t i = 0; i < g * p.ek; ++i) q[i] = p.scale * q_in[i];  // the scale, once
+  auto in = [&](const void* x, int64_t i) {  // element i of q, k_new or v_new, widened
+    return p.bf16 ? Scalar(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
+  };
+  const int64_t q0 = (b * p.h + kh * g) * p.ek;
+  for (int64_t i = 0; i < g * p.ek; ++i) q[i] = p.scale * in(p.q, q0 + i);  // the scale, once
   // s[j kBlock + i] = q_j . k_i for the block's n tokens k_i = k + i * slot.
   auto scores = [&](const float* k, int64_t slot, int64_t n) {
     for (int64_t j = 0; j < g; ++j) {
@@ -166,13 +173,12 @@ void Task(const Problem& p, int64_t b, int64_t kh) {
       }
     }
   };
-  const float* k_new = p.k_new + (b * p.kv + kh) * p.ek;  // start from the new token
-  const float* v_new = p.v_new + (b * p.kv + kh) * p.ev;
+  const int64_t k0 = (b * p.kv + kh) * p.ek, v0 = (b * p.kv + kh) * p.ev;  // the new token
   for (int64_t j = 0; j < g; ++j) {
     float x = 0.0f;
-    for (int64_t e = 0; e < p.ek; ++e) x += q[j * p.ek + e] * k_new[e];
+    for (int64_t e = 0; e < p.ek; ++e) x += q[j * p.ek + e] * in(p.k_new, k0 + e);
     m[j] = x;
-    std::copy(v_new, v_new + p.ev, acc.data() + j * p.ev);
+    for (int64_t e = 0; e < p.ev; ++e) acc[j * p.ev + e] = in(p.v_new, v0 + e);
   }
   const int64_t len = std::clamp<int64_t>(p.len[b], 0, p.m * p.s);
   for (int64_t t0 = 0; t0 < len; t0 += p.s) {
@@ -210,9 +216,13 @@ void Task(const Problem& p, int64_t b, int64_t kh) {
       accumulate(vp + i0 * p.v_slot, p.v_slot, n);
     }
   }
-  float* o = p.o + (b * p.h + kh * g) * p.ev;
+  const int64_t o0 = (b * p.h + kh * g) * p.ev;
   for (int64_t j = 0; j < g; ++j) {
-    for (int64_t e = 0; e < p.ev; ++e) o[j * p.ev + e] = acc[j * p.ev + e] / l[j];
+    for (int64_t e = 0; e < p.ev; ++e) {
+      const float y = acc[j * p.ev + e] / l[j];
+      if (p.bf16) static_cast<uint16_t*>(p.o)[o0 + j * p.ev + e] = RoundBf16(y);
+      else static_cast<float*>(p.o)[o0 + j * p.ev + e] = y;
+    }
   }
 }
 
@@ -232,11 +242,11 @@ void Work(Shared& s) {
   }
 }
 
-ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q,
                               ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pages,
                               ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> len,
-                              ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
-                              ffi::ResultBuffer<ffi::F32> o, int64_t threads, float scale,
+                              ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
+                              ffi::Result<ffi::AnyBuffer> o, int64_t threads, float scale,
                               int64_t layout) {
   const auto qd = q.dimensions(), kd = k_pages.dimensions(), vd = v_pages.dimensions();
   const auto td = table.dimensions();
@@ -248,11 +258,17 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         "paged_attention_cpu: q [B, H, Ek], k/v [K, P, S, Ek/Ev] (layout 0) or "
         "[P, S, K, Ek/Ev] (layout 1), table [B, M]");
   }
+  const auto io = q.element_type();
+  if ((io != ffi::DataType::F32 && io != ffi::DataType::BF16) || k_new.element_type() != io ||
+      v_new.element_type() != io || o->element_type() != io) {
+    return ffi::Error::InvalidArgument(
+        "paged_attention_cpu: q, k_new, v_new and o are all float32 or all bfloat16");
+  }
   const int64_t kv = kd[ax_k], pages = kd[ax_p], slots = kd[ax_s], ek = kd[3], ev = vd[3];
   auto s = std::make_shared<Shared>();
-  s->p = {q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), k_new.typed_data(),
-          v_new.typed_data(), table.typed_data(), len.typed_data(), o->typed_data(),
-          qd[0], qd[1], kv, pages, slots, td[1], ek, ev, scale};
+  s->p = {q.untyped_data(), k_new.untyped_data(), v_new.untyped_data(), k_pages.typed_data(),
+          v_pages.typed_data(), table.typed_data(), len.typed_data(), o->untyped_data(),
+          io == ffi::DataType::BF16, qd[0], qd[1], kv, pages, slots, td[1], ek, ev, scale};
   if (layout == 0) {
     s->p.k_head = pages * slots * ek, s->p.k_page = slots * ek, s->p.k_slot = ek;
     s->p.v_head = pages * slots * ev, s->p.v_page = slots * ev, s->p.v_slot = ev;
@@ -273,14 +289,14 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionCpu, PagedAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("threads")
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("layout"));

@@ -51,7 +51,10 @@ def available() -> bool:
 
 def paged_decode_attention(q_BxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE, block_tables_BxM,
                            lengths_B, k_new_BxKxE, v_new_BxKxE, *, scale=None, threads=None):
-  """o_BxHxE (Ev wide) of one query token per row; float32 only (see the module docstring).
+  """o_BxHxE (Ev wide) of one query token per row (see the module docstring).
+
+  The pools are float32. q, k_new and v_new are read as bfloat16 when all three
+  are (o is then bfloat16, rounded in the kernel), else widened to float32.
 
   threads: threads of XLA's intra-op pool the (row, kv head) tasks are split over
   (None: this process's cores).
@@ -65,7 +68,7 @@ def contiguous_decode_attention(q_BxHxE, k_BxTxKxE, v_BxTxKxE, lengths_B, k_new_
   """o_BxHxE (Ev wide, q's dtype): `paged_decode_attention` over a contiguous cache.
 
   Row b attends to its slots t < lengths_B[b] and its new key/value; float32
-  caches only (q is widened to float32 and o rounded back to q's dtype).
+  caches only (q, k_new, v_new as in `paged_decode_attention`; o in q's dtype).
   """
   table_Bx1 = jnp.arange(q_BxHxE.shape[0], dtype=jnp.int32)[:, None]
   o = _call(q_BxHxE, k_BxTxKxE, v_BxTxKxE, table_Bx1, lengths_B, k_new_BxKxE, v_new_BxKxE,
@@ -80,11 +83,14 @@ def _call(q_BxHxE, k, v, table_BxM, lengths_B, k_new_BxKxE, v_new_BxKxE, scale, 
                        f"{build_error() or 'not the CPU backend'}")
   b, h, e = q_BxHxE.shape
   scale = e ** -0.5 if scale is None else scale
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, h, v.shape[-1]), jnp.float32),
+  # The step's own tensors go in as they are when all bfloat16 (no XLA convert op).
+  io = (jnp.bfloat16 if q_BxHxE.dtype == k_new_BxKxE.dtype == v_new_BxKxE.dtype == jnp.bfloat16
+        else jnp.float32)
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, h, v.shape[-1]), io),
                           vmap_method="sequential")
   f32 = lambda x: x.astype(jnp.float32)
-  return call(f32(q_BxHxE), f32(k), f32(v), table_BxM.astype(jnp.int32),
-              lengths_B.astype(jnp.int32), f32(k_new_BxKxE), f32(v_new_BxKxE),
+  return call(q_BxHxE.astype(io), f32(k), f32(v), table_BxM.astype(jnp.int32),
+              lengths_B.astype(jnp.int32), k_new_BxKxE.astype(io), v_new_BxKxE.astype(io),
               threads=np.int64(threads or cores()), scale=np.float32(scale),
               layout=np.int64(layout))
 

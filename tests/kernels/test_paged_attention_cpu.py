@@ -106,3 +106,19 @@ def test_contiguous_layout_equals_float64(helpers, g, ek, ev, t):
   got16 = pac.contiguous_decode_attention(q.astype(jax.numpy.bfloat16), k_c, v_c, lengths,
                                           k_new, v_new)
   assert got16.dtype == jax.numpy.bfloat16
+
+
+def test_bfloat16_step_tensors_equal_their_float32_widening(helpers):
+  """q, k_new, v_new all bfloat16: read as such, o rounded in the kernel (nearest even)
+  to the float32 kernel's result on the same (widened) values, bit for bit."""
+  bf16 = jax.numpy.bfloat16
+  q, k_pages, v_pages, tables, lengths, k_new, v_new = make_case(helpers, 3, 64, 40, 48, seed=4)
+  q16, kn16, vn16 = (jax.numpy.asarray(x, bf16) for x in (q, k_new, v_new))
+  want = pac.paged_decode_attention(q16.astype(np.float32), k_pages, v_pages, tables, lengths,
+                                    kn16.astype(np.float32), vn16.astype(np.float32))
+  got = pac.paged_decode_attention(q16, k_pages, v_pages, tables, lengths, kn16, vn16)
+  assert want.dtype == np.float32 and got.dtype == bf16
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
+                                np.asarray(want.astype(bf16)).view(np.uint16))
+  mixed = pac.paged_decode_attention(q16, k_pages, v_pages, tables, lengths, k_new, v_new)
+  assert mixed.dtype == np.float32  # not all bfloat16: all widened
