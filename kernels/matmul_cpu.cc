@@ -138,15 +138,7 @@ void DotTile(float* y, int64_t m, const float* x, int64_t k, const W* w, int64_t
     for (int j = 0; j < J; ++j)
       for (int r = 0; r < R; ++r) acc[j][r] += wv[j] * xv[r];
   }
-  float sums[J * R];
-  LaneSums(&acc[0][0], J * R, sums);
-  for (int j = 0; j < J; ++j) {
-    for (int r = 0; r < R; ++r) {
-      float s = sums[j * R + r];
-      for (int64_t t = d; t < k; ++t) s = std::fma(x[r * k + t], Scalar(wr[j * k + t]), s);
-      y[r * m + m0 + j] = s;
-    }
-  }
+  FinishTile<J, R>(y, m, m0, &acc[0][0], x, k, wr, d);
 }
 
 template <typename W>

@@ -156,15 +156,7 @@ void DotTilePairs(float* y, int64_t m, const float* x, const uint32_t* xp, int64
   V16 lanes[J * R];
   for (int j = 0; j < J; ++j)
     for (int r = 0; r < R; ++r) std::memcpy(&lanes[j * R + r], &acc[j][r], sizeof(V16));
-  float sums[J * R];
-  LaneSums(lanes, J * R, sums);
-  for (int j = 0; j < J; ++j) {
-    for (int r = 0; r < R; ++r) {
-      float s = sums[j * R + r];
-      for (int64_t t = d; t < k; ++t) s = std::fma(x[r * k + t], Scalar(wr[j * k + t]), s);
-      y[r * m + m0 + j] = s;
-    }
-  }
+  FinishTile<J, R>(y, m, m0, lanes, x, k, wr, d);
 }
 
 void ChunkMKPairs(float* y, const float* x, const uint32_t* xp, const uint16_t* w, int64_t n,

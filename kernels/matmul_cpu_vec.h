@@ -1,8 +1,10 @@
 // Vector helpers of the CPU kernels (kernels/matmul_cpu.cc, paged_attention_cpu.cc):
-// 16-float vectors, bfloat16 widening and rounding, the fixed lane-sum tree, the 'mk' tiling.
+// 16-float vectors, bfloat16 widening and rounding, the fixed lane-sum tree, the 'mk' tiling
+// and the end of its tiles.
 
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -81,6 +83,23 @@ inline void LaneSums(const V16* v, int count, float* sums) {
   for (int j = 0; j < count; ++j) {
     const int r = ((j & 1) << 3) | ((j & 2) << 1) | ((j & 4) >> 1) | ((j & 8) >> 3);
     sums[j] = all[r];
+  }
+}
+
+// The end of a J x R 'mk' tile: y[r, m0 + j] = the lane sum of v[j R + r] (`LaneSums`)
+// plus x[r, t] W[m0 + j, t] for the columns t in [d, k) the vectors left (float32
+// FMAs, t ascending); wr = W's row m0 ([M, K], row-major).
+template <int J, int R, typename W>
+void FinishTile(float* y, int64_t m, int64_t m0, const V16* v, const float* x, int64_t k,
+                const W* wr, int64_t d) {
+  float sums[J * R];
+  LaneSums(v, J * R, sums);
+  for (int j = 0; j < J; ++j) {
+    for (int r = 0; r < R; ++r) {
+      float s = sums[j * R + r];
+      for (int64_t t = d; t < k; ++t) s = std::fma(x[r * k + t], Scalar(wr[j * k + t]), s);
+      y[r * m + m0 + j] = s;
+    }
   }
 }
 

@@ -141,7 +141,7 @@ void AxpyChunks(const float* w, const float* v, int64_t slot, int64_t n, float a
 void Task(const Problem& p, int64_t b, int64_t kh) {
   const int64_t g = p.h / p.kv, ek16 = p.ek / 16 * 16, ev16 = p.ev / 16 * 16;
   std::vector<float> q(g * p.ek), m(g), l(g, 1.0f), a(g), acc(g * p.ev), s(g * kBlock);
-  std::vector<V16> part(kBlock);
+  V16 part[kBlock];
   auto in = [&](const void* x, int64_t i) {  // element i of q, k_new or v_new, widened
     return p.bf16 ? Scalar(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
   };
@@ -152,10 +152,10 @@ void Task(const Problem& p, int64_t b, int64_t kh) {
     for (int64_t j = 0; j < g; ++j) {
       const float* qj = q.data() + j * p.ek;
       float* sj = s.data() + j * kBlock;
-      std::fill(part.begin(), part.begin() + n, V16{});
-      ForChunks(p.ek, [&](auto c, int64_t e0) { DotChunks<c>(qj + e0, k + e0, slot, n, part.data()); });
+      std::fill(part, part + n, V16{});
+      ForChunks(p.ek, [&](auto c, int64_t e0) { DotChunks<c>(qj + e0, k + e0, slot, n, part); });
       for (int64_t i0 = 0; i0 < n; i0 += 16)
-        LaneSums(part.data() + i0, static_cast<int>(std::min<int64_t>(16, n - i0)), sj + i0);
+        LaneSums(part + i0, static_cast<int>(std::min<int64_t>(16, n - i0)), sj + i0);
       for (int64_t e = ek16; e < p.ek; ++e)
         for (int64_t i = 0; i < n; ++i) sj[i] += qj[e] * k[i * slot + e];
     }
