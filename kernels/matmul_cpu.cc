@@ -52,6 +52,7 @@
 #include <thread>
 #include <vector>
 
+#include "matmul_cpu_amx.h"
 #include "matmul_cpu_bf16.h"
 #include "matmul_cpu_vec.h"
 #include "xla/ffi/api/ffi.h"
@@ -154,6 +155,7 @@ void ChunkMK(float* y, const float* x, const W* w, int64_t n, int64_t k, int64_t
 struct Shared {
   const float* x;
   const uint32_t* xp = nullptr;  // x as bfloat16 pairs (the VDPBF16PS path) or null
+  const uint32_t* xa = nullptr;  // x's pairs laid out for the AMX tiles (that path) or null
   const void* w;
   bool bf16, mk;
   int64_t n, k, m, chunks, chunk_len;
@@ -165,6 +167,14 @@ struct Shared {
 // Chunk c: output columns [c * chunk_len, (c + 1) * chunk_len).
 void RunChunk(Shared& s, int64_t c) {
   const int64_t a = c * s.chunk_len, b = std::min(s.m, a + s.chunk_len);
+#ifdef MOELAB_AMX
+  if (s.xa != nullptr) {
+    const auto* w = static_cast<const uint16_t*>(s.w);
+    if (s.mk) ChunkMKAmx(s.y, s.xa, w, s.n, s.k, s.m, a, b);
+    else ChunkKMAmx(s.y, s.xa, w, s.n, s.k, s.m, a, b);
+    return;
+  }
+#endif
 #ifdef MOELAB_BF16_DOT
   if (s.xp != nullptr) {
     const auto* w = static_cast<const uint16_t*>(s.w);
@@ -193,16 +203,22 @@ void RoundChunk(Shared& s, int64_t c) {
 }
 
 void Work(Shared& s) {
+  bool ran = false;
   for (int64_t c; (c = s.next.fetch_add(1, std::memory_order_acq_rel)) < s.chunks;) {
     RunChunk(s, c);
     if (s.y16 != nullptr) RoundChunk(s, c);
+    ran = true;
     s.done.fetch_add(1, std::memory_order_acq_rel);
   }
+#ifdef MOELAB_AMX
+  if (ran && s.xa != nullptr) _tile_release();  // the pool thread's tile state, for others
+#endif
+  (void)ran;
 }
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                       ffi::Result<ffi::AnyBuffer> y, bool transpose_w, int64_t threads,
-                      int64_t chunk_bytes) {
+                      int64_t chunk_bytes, bool amx) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) {
     return ffi::Error::InvalidArgument("matmul: x [N, K] and a 2-D weight");
@@ -258,6 +274,17 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     s->xp = pairs->data();
   }
 #endif
+  std::shared_ptr<std::vector<uint32_t>> tiles;
+#ifdef MOELAB_AMX
+  if (s->xp != nullptr && amx && AmxReady()) {
+    const int64_t kp = (s->k + 1) / 2;
+    tiles = std::make_shared<std::vector<uint32_t>>(
+        transpose_w ? PairsTransposed(s->xp, s->n, kp) : PairsBlocked(s->xp, s->n, kp));
+    s->xa = tiles->data();
+  }
+#else
+  (void)amx;
+#endif
   // Chunks of about `chunk_bytes` of W, their count rounded up to a multiple
   // of the threads (they finish together), in whole units: 4-row tiles ('mk')
   // or 32-column passes ('km', at most OUT_TILE_BYTES of y wide). The chunks
@@ -269,7 +296,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   int64_t chunks = (bytes + chunk_bytes - 1) / std::max<int64_t>(1, chunk_bytes);
   if (chunks > 1) chunks = (chunks + threads - 1) / threads * threads;
   int64_t per = (units + std::max<int64_t>(1, chunks) - 1) / std::max<int64_t>(1, chunks);
-  if (!transpose_w) {
+  if (!transpose_w && s->xa == nullptr) {  // (the AMX path keeps y in its tiles)
     const int64_t rows = s->xp != nullptr ? std::min(s->n, PAIR_ROWS) : s->n;
     const int64_t tile_units = OUT_TILE_BYTES / (4 * unit * std::max<int64_t>(1, rows));
     per = std::min(per, std::max<int64_t>(1, tile_units));
@@ -277,7 +304,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   s->chunk_len = std::max<int64_t>(1, per) * unit;
   s->chunks = (s->m + s->chunk_len - 1) / s->chunk_len;
   for (int64_t t = 1; t < std::min(threads, s->chunks); ++t) {
-    pool.Schedule([s, pairs, x_wide, y_wide] { Work(*s); });
+    pool.Schedule([s, pairs, tiles, x_wide, y_wide] { Work(*s); });
   }
   Work(*s);
   while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
@@ -294,4 +321,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Matmul, MatmulImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("transpose_w")
                                   .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("chunk_bytes"));
+                                  .Attr<int64_t>("chunk_bytes")
+                                  .Attr<bool>("amx"));
+
+// Which bfloat16-pair units this build can use: 1 VDPBF16PS, 2 the AMX tiles (built and
+// granted by the OS); kernels/matmul_cpu.py's `bf16_units`.
+extern "C" int MoelabMatmulBf16Units() {
+  int units = 0;
+#ifdef MOELAB_BF16_DOT
+  units |= 1;
+#endif
+#ifdef MOELAB_AMX
+  if (AmxReady()) units |= 2;
+#endif
+  return units;
+}

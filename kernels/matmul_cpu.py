@@ -29,6 +29,10 @@ WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)
 # Weight bytes per chunk (kernels/matmul_cpu.cc): a product of fewer runs on
 # the calling thread alone (a pool task's wake-up costs more than it saves).
 CHUNK_BYTES = 1 << 19
+# amx=None: products of at least this many rows take the AMX tiles. A 1-row product is
+# bound by its weight read, which VDPBF16PS keeps up with; the tiles' layout of W costs
+# more there (docs/performance.md, SmolLM2 on AMX).
+AMX_MIN_ROWS = 2
 _KERNEL = CppKernel("matmul_cpu.cc", {TARGET: "Matmul"})
 
 
@@ -42,8 +46,17 @@ def build_error() -> str:
   return _KERNEL.build_error()
 
 
+def bf16_units() -> tuple[str, ...]:
+  """The units this build multiplies bfloat16 pairs on: 'amx' (AMX-BF16 tiles the OS
+  granted), 'avx512_bf16' (VDPBF16PS); empty where neither (float32 FMAs)."""
+  if not available():
+    return ()
+  units = _KERNEL.library.MoelabMatmulBf16Units()
+  return tuple(name for bit, name in ((2, "amx"), (1, "avx512_bf16")) if units & bit)
+
+
 def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
-           chunk_bytes: int = CHUNK_BYTES, out_dtype=jnp.float32):
+           chunk_bytes: int = CHUNK_BYTES, out_dtype=jnp.float32, amx: bool | None = None):
   """y_NxM in `out_dtype` (see the module docstring); x is taken as float32 unless bfloat16.
 
   out_dtype: float32, or bfloat16 (the float32 sums rounded to nearest even in
@@ -51,7 +64,9 @@ def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
 
   A bfloat16 x with a bfloat16 W multiplies in bfloat16 pairs (VDPBF16PS) where
   the CPU has AVX512-BF16 (kernels/matmul_cpu.cc): the same exact products,
-  summed in another fixed order.
+  summed in another fixed order; on the AMX tiles where the CPU has AMX-BF16 and
+  `amx` (kernels/matmul_cpu_amx.h, a third fixed order; `bf16_units()` says which
+  this build has). amx=None: for products of at least AMX_MIN_ROWS rows.
 
   threads: threads of XLA's intra-op pool that share W's read, in chunks
   of about `chunk_bytes` of its output columns (the result depends on
@@ -72,7 +87,8 @@ def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
                           vmap_method="sequential")
   x = x_NxK if x_NxK.dtype == jnp.bfloat16 else x_NxK.astype(jnp.float32)
   return call(x, w, transpose_w=bool(transpose_w), threads=np.int64(max(1, threads)),
-              chunk_bytes=np.int64(max(1, chunk_bytes)))
+              chunk_bytes=np.int64(max(1, chunk_bytes)),
+              amx=bool(x_NxK.shape[0] >= AMX_MIN_ROWS if amx is None else amx))
 
 
 def matmul_reference(x_NxK, w, transpose_w: bool = False):

@@ -3,7 +3,8 @@ layouts, float32 and bfloat16 weights, sizes that are not multiples of its
 8-row passes, 32-column passes, 4-row tiles or 16-float vectors, and any
 number of threads (chunk_bytes=1 splits a product's output columns into
 chunks of 32 columns of W, 'km', or 4 rows, 'mk'); bfloat16 x with bfloat16 W
-takes the VDPBF16PS pairs where the CPU has AVX512-BF16 (the same cases)."""
+takes the VDPBF16PS pairs where the CPU has AVX512-BF16, and the AMX tiles
+where it has AMX-BF16 (the same cases, each unit forced)."""
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,8 @@ def problem(n, k, m, transpose_w, dtype, seed=0, x_dtype=jnp.float32):
 
 
 _matmul = jax.jit(matmul_cpu.matmul,
-                  static_argnames=("transpose_w", "threads", "chunk_bytes", "out_dtype"))
+                  static_argnames=("transpose_w", "threads", "chunk_bytes", "out_dtype", "amx"))
+AMX = "amx" in matmul_cpu.bf16_units()
 
 
 def test_builds_on_cpu():
@@ -52,15 +54,43 @@ def test_equals_reference_and_is_independent_of_threads(n, k, m, transpose_w, dt
   np.testing.assert_array_equal(_matmul(x, w, transpose_w=transpose_w, threads=2), one)
 
 
+@pytest.mark.parametrize("n,k,m", [(2, 576, 200), (17, 100, 45), (40, 70, 300), (3, 33, 16)])
 @pytest.mark.parametrize("transpose_w", [False, True])
-@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
-def test_a_row_does_not_depend_on_the_other_rows(transpose_w, x_dtype):
-  """Row r of a 9-row product equals the 1-row product of row r, bit for bit."""
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "vdpbf16ps"])
+def test_bfloat16_pairs_on_either_unit(n, k, m, transpose_w, amx):
+  """Both pair units, forced (each falls back to the next where the CPU lacks it): the
+  reference, and one order of every sum whatever the chunks; tails of k (16 pairs a
+  tile row), of columns (16 a tile) and of rows (16 a tile) included."""
+  x, w = problem(n, k, m, transpose_w, jnp.bfloat16, seed=4, x_dtype=jnp.bfloat16)
+  want = matmul_cpu.matmul_reference(x, w, transpose_w)
+  one = _matmul(x, w, transpose_w=transpose_w, threads=1, chunk_bytes=1, amx=amx)
+  np.testing.assert_allclose(one, want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_array_equal(
+      _matmul(x, w, transpose_w=transpose_w, threads=2, amx=amx), one)
+
+
+@pytest.mark.skipif(not AMX, reason="needs a CPU with AMX-BF16 (and the OS's permission)")
+def test_amx_by_default_from_two_rows():
+  """amx=None: the tiles for 2+ rows, VDPBF16PS for one (their sums differ in order)."""
+  x, w = problem(8, 576, 300, False, jnp.bfloat16, seed=5, x_dtype=jnp.bfloat16)
+  tiles = _matmul(x, w, amx=True)
+  pairs = _matmul(x, w, amx=False)
+  assert not np.array_equal(tiles, pairs)  # the two orders differ somewhere
+  np.testing.assert_array_equal(_matmul(x, w), tiles)
+  np.testing.assert_array_equal(_matmul(x[:1], w), pairs[:1])
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("x_dtype,amx", [(jnp.float32, None), (jnp.bfloat16, True),
+                                         (jnp.bfloat16, False)], ids=["f32", "amx", "vdp"])
+def test_a_row_does_not_depend_on_the_other_rows(transpose_w, x_dtype, amx):
+  """Row r of a 9-row product equals the 1-row product of row r, bit for bit, on one unit."""
   x, w = problem(9, 70, 90, transpose_w, jnp.bfloat16, seed=1, x_dtype=x_dtype)
-  rows = _matmul(x, w, transpose_w=transpose_w, threads=2, chunk_bytes=1)
+  rows = _matmul(x, w, transpose_w=transpose_w, threads=2, chunk_bytes=1, amx=amx)
   for r in (0, 4, 8):
     np.testing.assert_array_equal(
-        rows[r], _matmul(x[r:r + 1], w, transpose_w=transpose_w, threads=1, chunk_bytes=1)[0])
+        rows[r], _matmul(x[r:r + 1], w, transpose_w=transpose_w, threads=1, chunk_bytes=1,
+                         amx=amx)[0])
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])
