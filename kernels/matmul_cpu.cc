@@ -279,7 +279,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (s->xp != nullptr && amx && AmxReady()) {
     const int64_t kp = (s->k + 1) / 2;
     tiles = std::make_shared<std::vector<uint32_t>>(
-        transpose_w ? PairsTransposed(s->xp, s->n, kp) : PairsBlocked(s->xp, s->n, kp));
+        PairTiles(s->xp, s->n, kp, transpose_w));
     s->xa = tiles->data();
   }
 #else

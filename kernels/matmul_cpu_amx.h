@@ -11,7 +11,7 @@
 // (k blocks of 32 in ascending order), not on its tile, chunk, thread or the other rows.
 //
 //   'km' (W [K, M]): A = 16 rows of x as pairs (x[r, 2p], x[r, 2p + 1]); B = 16 columns of W,
-//        its rows 2p and 2p + 1 interleaved ("VNNI" layout, built per 32-column block in a
+//        its rows 2p and 2p + 1 interleaved ("VNNI" layout, built for a whole chunk in a
 //        scratch buffer while W streams past, the next rows prefetched); C = y[r, columns].
 //   'mk' (W [M, K], a tied unembedding): C^T = W x^T. A = 16 rows of W as they lie in
 //        memory, B = 16 rows of x as pairs, transposed; C[v][r] = y[r, v].
@@ -26,8 +26,9 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
-#include <immintrin.h>
+#include "matmul_cpu_bf16.h"
+
+#if defined(MOELAB_BF16_DOT) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define MOELAB_AMX 1
@@ -61,25 +62,17 @@ inline void Configure(int a_rows) {
   _tile_loadconfig(&c);
 }
 
-// x [n, k] bfloat16 pairs xp [n, kp] -> 'km' A tiles [row block][k block][16 rows][16 p],
-// each 1 KB contiguous, zero-padded past n and kp.
-inline std::vector<uint32_t> PairsBlocked(const uint32_t* xp, int64_t n, int64_t kp) {
+// x's bfloat16 pairs xp [n, kp] as 1 KB tiles [row block][k block][16 x 16], zero-padded
+// past n and kp: each tile [16 rows][16 p] ('km' A) or, `transposed`, [16 p][16 rows] ('mk' B).
+inline std::vector<uint32_t> PairTiles(const uint32_t* xp, int64_t n, int64_t kp, bool transposed) {
   const int64_t blocks = (kp + KB - 1) / KB, row_blocks = (n + 15) / 16;
-  std::vector<uint32_t> a(row_blocks * blocks * 16 * KB, 0u);
+  std::vector<uint32_t> t(row_blocks * blocks * 256, 0u);
   for (int64_t r = 0; r < n; ++r)
-    for (int64_t p = 0; p < kp; ++p)
-      a[(((r / 16) * blocks + p / KB) * 16 + r % 16) * KB + p % KB] = xp[r * kp + p];
-  return a;
-}
-
-// xp [n, kp] -> 'mk' B tiles [row block][k block][p][16 rows], zero-padded.
-inline std::vector<uint32_t> PairsTransposed(const uint32_t* xp, int64_t n, int64_t kp) {
-  const int64_t blocks = (kp + KB - 1) / KB, row_blocks = (n + 15) / 16;
-  std::vector<uint32_t> b(row_blocks * blocks * KB * 16, 0u);
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t p = 0; p < kp; ++p)
-      b[(((r / 16) * blocks + p / KB) * KB + p % KB) * 16 + r % 16] = xp[r * kp + p];
-  return b;
+    for (int64_t p = 0; p < kp; ++p) {
+      const int64_t i = r % 16, q = p % KB;
+      t[((r / 16) * blocks + p / KB) * 256 + (transposed ? q * 16 + i : i * KB + q)] = xp[r * kp + p];
+    }
+  return t;
 }
 
 // 'km', columns [m0, m1) of W as B tiles: tile (j, b), 16 columns by the pairs p of k block
@@ -88,10 +81,7 @@ inline std::vector<uint32_t> PairsTransposed(const uint32_t* xp, int64_t n, int6
 // contiguous), the rows four pairs ahead prefetched.
 inline void InterleaveChunk(uint32_t* vnni, const uint16_t* w, int64_t k, int64_t m, int64_t m0,
                             int64_t m1, int64_t blocks) {
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
-                                      40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
-                                      32, 0);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const PairPermutes perm;
   const int64_t kp = (k + 1) / 2, tile = blocks * KB * 16;
   for (int64_t p = 0; p < blocks * KB; ++p) {
     uint32_t* row = vnni + (p / KB) * KB * 16 + (p % KB) * 16;  // tile (0, p / KB), row p % KB
@@ -109,8 +99,9 @@ inline void InterleaveChunk(uint32_t* vnni, const uint16_t* w, int64_t k, int64_
       const __m512i a = _mm512_maskz_loadu_epi16(mask, r);
       const __m512i b =
           2 * p + 1 < k ? _mm512_maskz_loadu_epi16(mask, r + m) : _mm512_setzero_si512();
-      _mm512_storeu_si512(row + j * tile, _mm512_permutex2var_epi16(a, lo, b));
-      if (cols > 16) _mm512_storeu_si512(row + (j + 1) * tile, _mm512_permutex2var_epi16(a, hi, b));
+      _mm512_storeu_si512(row + j * tile, _mm512_permutex2var_epi16(a, perm.lo, b));
+      if (cols > 16)
+        _mm512_storeu_si512(row + (j + 1) * tile, _mm512_permutex2var_epi16(a, perm.hi, b));
     }
   }
 }
@@ -128,7 +119,7 @@ inline void StoreC(float* y, int64_t m, int64_t c0, int64_t cols, int rows, floa
   }
 }
 
-// 'km' chunk: y[:, m0:m1] = x @ W[:, m0:m1]; xa = PairsBlocked(x). W's columns are
+// 'km' chunk: y[:, m0:m1] = x @ W[:, m0:m1]; xa = PairTiles(x). W's columns are
 // interleaved once (`InterleaveChunk`, a scratch buffer the size of the chunk, in L2),
 // then every block of 16 rows of x takes them 32 columns (tiles 4, 5) at a time.
 void ChunkKMAmx(float* y, const uint32_t* xa, const uint16_t* w, int64_t n, int64_t k,
@@ -168,7 +159,7 @@ void ChunkKMAmx(float* y, const uint32_t* xa, const uint16_t* w, int64_t n, int6
   }
 }
 
-// 'mk' chunk: y[:, m0:m1] = x @ W[m0:m1, :]^T; xb = PairsTransposed(x). 32 rows of W a
+// 'mk' chunk: y[:, m0:m1] = x @ W[m0:m1, :]^T; xb = PairTiles(x, transposed). 32 rows of W a
 // pass (tiles 0 and 1), read in place where whole, else from a zero-padded copy.
 void ChunkMKAmx(float* y, const uint32_t* xb, const uint16_t* w, int64_t n, int64_t k,
                 int64_t m, int64_t m0, int64_t m1) {

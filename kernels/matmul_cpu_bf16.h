@@ -30,6 +30,14 @@ typedef __m512bh BH;
 
 inline BH AsBH(__m512i v) { return (BH)v; }
 
+// The permutes that interleave two rows a, b of 32 bfloat16s into pairs:
+// permutex2var(a, lo, b) = (a[0], b[0], ..., a[15], b[15]), with `hi` the 16 after.
+struct PairPermutes {
+  __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+};
+
 // 'km', P pairs of W rows a pass: out[r, i] += sum_p x[r, 2p] W[2p, i] + x[r, 2p+1] W[2p+1, i]
 // for columns i < len (the multiple of 16 below it; the caller does the rest).
 // W's two rows of a pair are interleaved in registers (one permute per 16 columns),
@@ -37,10 +45,7 @@ inline BH AsBH(__m512i v) { return (BH)v; }
 template <int P>
 int64_t PairsPass(float* out, int64_t ldo, int64_t m, const uint32_t* xp, int64_t kp,
                   int64_t rows, const uint16_t* w, int64_t len, int64_t prefetch_rows) {
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
-                                      40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
-                                      32, 0);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const PairPermutes perm;
   int64_t i = 0;
   for (; i + 32 <= len; i += 32) {
     for (int64_t q = 0; q < prefetch_rows; ++q) __builtin_prefetch(w + (2 * P + q) * m + i, 0, 2);
@@ -48,8 +53,8 @@ int64_t PairsPass(float* out, int64_t ldo, int64_t m, const uint32_t* xp, int64_
     for (int p = 0; p < P; ++p) {
       const __m512i a = _mm512_loadu_si512(w + 2 * p * m + i);
       const __m512i b = _mm512_loadu_si512(w + (2 * p + 1) * m + i);
-      wv[p][0] = _mm512_permutex2var_epi16(a, lo, b);
-      wv[p][1] = _mm512_permutex2var_epi16(a, hi, b);
+      wv[p][0] = _mm512_permutex2var_epi16(a, perm.lo, b);
+      wv[p][1] = _mm512_permutex2var_epi16(a, perm.hi, b);
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* o = out + r * ldo + i;
@@ -70,7 +75,7 @@ int64_t PairsPass(float* out, int64_t ldo, int64_t m, const uint32_t* xp, int64_
           reinterpret_cast<const __m256i*>(w + 2 * p * m + i)));
       const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(
           reinterpret_cast<const __m256i*>(w + (2 * p + 1) * m + i)));
-      wv[p] = _mm512_permutex2var_epi16(a, lo, b);
+      wv[p] = _mm512_permutex2var_epi16(a, perm.lo, b);
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* o = out + r * ldo + i;
