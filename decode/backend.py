@@ -42,7 +42,7 @@ import numpy as np
 from decode import data_parallel
 from decode.config import GenerationConfig
 from kernels import matmul_cpu, moe_cpu
-from kernels.cpu_build import cores
+from kernels.cpu_build import cores, last_level_cache_bytes
 from model.cache import CACHE_KINDS
 from model.config import ModelConfig
 from model.impl import ModelImpl, resolve_mla
@@ -72,6 +72,14 @@ class Backend:
   num_devices: int
   compiler_options: tuple = ()   # sorted (name, value) pairs
   cache_dtype: str | None = None  # KV cache storage; None: the model's dtype
+
+  def loop_impl(self) -> ModelImpl:
+    """`impl` for a decode while loop, which reads the same weights every step: the matrix
+    kernel's weights laid out once for it (ModelImpl.matmul_packed; XLA hoists the layout
+    out of the loop). A step function called from Python each step keeps `impl`."""
+    if self.impl.matmul != "cpu_kernel":
+      return self.impl
+    return dataclasses.replace(self.impl, matmul_packed=True)
 
   def describe(self) -> str:
     opts = ", ".join(f"{k}={v!r}" for k, v in self.compiler_options) or "none"
@@ -158,22 +166,33 @@ def resolve_matmul(cfg: ModelConfig, choice: str, step_rows: int) -> str:
   """GenerationConfig.matmul_impl -> ModelImpl.matmul for decode steps of `step_rows` rows.
 
   'auto' is the C++ kernel on CPU when it builds, for bfloat16 weights (XLA:CPU
-  widens them in a pass of their own) and for float32 steps of several rows
-  (one device reading each weight once beats two devices that each read all of
-  it); a 1-row float32 step stays XLA, whose matrix-vector product reads as
-  fast on weights past the cache (SmolLM2) and runs faster on weights that fit
-  in it (the toy models: the kernel's per-call cost dominates, ~1.8x slower;
+  widens them in a pass of their own), for float32 steps of several rows (one
+  device reading each weight once beats two devices that each read all of it)
+  and for 1-row float32 steps whose weights outgrow the last-level cache (the
+  decode loop's packed weights read faster than XLA's matrix-vector product,
+  SmolLM2); a 1-row float32 step of a model that fits in the cache stays XLA,
+  where the kernel's per-call cost dominates (the toy models, ~1.8x slower;
   docs/performance.md). 'cpu_kernel' where it cannot run is an error.
   """
   ok = (jax.default_backend() == "cpu" and cfg.dtype in ("float32", "bfloat16")
         and matmul_cpu.available())
   if choice == "auto":
-    return "cpu_kernel" if ok and (cfg.dtype == "bfloat16" or step_rows > 1) else "xla"
+    big = dense_weight_bytes(cfg) > last_level_cache_bytes()
+    return "cpu_kernel" if ok and (cfg.dtype == "bfloat16" or step_rows > 1 or big) else "xla"
   if choice == "cpu_kernel" and not ok:
     why = matmul_cpu.build_error() or (f"needs the CPU backend and float32 or bfloat16 weights "
                                        f"({jax.default_backend()}, {cfg.dtype})")
     raise ValueError(f"generation.matmul_impl: 'cpu_kernel' is not available: {why}")
   return choice
+
+
+def dense_weight_bytes(cfg: ModelConfig) -> int:
+  """float32 bytes of the attention and dense FFN weights of all blocks and the unembedding:
+  what a 1-row step reads besides the experts (an estimate from the widths)."""
+  d, e = cfg.d_model, cfg.dim_per_head
+  attention = d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * e
+  dense = sum(not cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+  return 4 * (cfg.num_layers * attention + dense * 3 * d * cfg.ffn_dim + cfg.vocab_size * d)
 
 
 def cpu_compiler_options(num_devices: int) -> dict:

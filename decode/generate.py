@@ -146,7 +146,7 @@ def decode_fn(cfg: ModelConfig, plan: DecodePlan):
 
   def rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam):
     b = prompt_BxP.shape[0]
-    step_fn = make_step_fn(cfg, params, backend.impl)
+    step_fn = make_step_fn(cfg, params, backend.loop_impl())
     windows = plan.cache.windows(prompt_BxP.shape[1], plan.cache_len)
     cache = plan.cache.init(cfg, b, windows[0], backend.cache_dtype)
     kw = dict(max_new_tokens=plan.max_new_tokens, stop_ids=plan.stop_ids, pad_id=plan.pad_id,

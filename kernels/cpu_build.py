@@ -38,6 +38,20 @@ def cores() -> int:
   return os.cpu_count() or 1
 
 
+def last_level_cache_bytes() -> int:
+  """Size of this CPU's last-level cache (Linux sysfs; 32 MiB where it does not say)."""
+  caches = pathlib.Path("/sys/devices/system/cpu/cpu0/cache")
+  sizes = []
+  for index in caches.glob("index*"):
+    try:
+      text = (index / "size").read_text().strip()
+    except OSError:
+      continue
+    unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    sizes.append(int(text.rstrip("KMG")) * unit)
+  return max(sizes, default=32 << 20)
+
+
 def cache_dir() -> pathlib.Path:
   default = pathlib.Path.home() / ".cache" / "moelab"
   return pathlib.Path(os.environ.get("MOELAB_KERNEL_CACHE", default))

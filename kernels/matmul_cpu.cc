@@ -21,7 +21,9 @@
 //         computes y[:, m0:m1] = x @ W[:, m0:m1], 8 rows of W a pass over the
 //         block's columns (the same columns of the next 8 rows prefetched);
 //         the block is at most OUT_TILE_BYTES / (4 N) columns wide, so the
-//         y[:, m0:m1] that each pass loads and stores stays in L1;
+//         y[:, m0:m1] that each pass loads and stores stays in L1; a packed W
+//         (`packed`, matmul_cpu_packed.h: 32-column blocks, each contiguous)
+//         is read block by block, a decode step's sums in registers down K;
 //   'mk': chunk c holds rows [m0, m1) of W and writes y[:, m0:m1]; 4 rows at a
 //         time stay in L1 while every row of x passes, and the 4 x R dot
 //         products' vectors are summed across lanes together (`LaneSums`;
@@ -54,6 +56,7 @@
 
 #include "matmul_cpu_amx.h"
 #include "matmul_cpu_bf16.h"
+#include "matmul_cpu_packed.h"
 #include "matmul_cpu_vec.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -70,18 +73,18 @@ constexpr int64_t OUT_TILE_BYTES = 16 << 10;
 // A row of W is a short stream for the hardware prefetchers, so the same
 // columns of the next pass's rows are prefetched while this pass runs.
 template <int Q, int C, typename W>
-void RowsPass(float* out, int64_t m, const float* s, int64_t k, int64_t rows, const W* w,
-              int64_t len, int64_t prefetch_rows) {
+void RowsPass(float* out, int64_t ldo, const float* s, int64_t k, int64_t rows, const W* w,
+              int64_t ldw, int64_t len, int64_t prefetch_rows) {
   constexpr int64_t line = 64 / sizeof(W);  // weights per cache line
   int64_t i = 0;
   for (; i + 16 * C <= len; i += 16 * C) {
     for (int64_t q = 0; q < prefetch_rows; ++q)
-      for (int64_t j = 0; j < 16 * C; j += line) __builtin_prefetch(w + (Q + q) * m + i + j, 0, 2);
+      for (int64_t j = 0; j < 16 * C; j += line) __builtin_prefetch(w + (Q + q) * ldw + i + j, 0, 2);
     V16 wv[Q][C];
     for (int q = 0; q < Q; ++q)
-      for (int c = 0; c < C; ++c) wv[q][c] = Load(w + q * m + i + 16 * c);
+      for (int c = 0; c < C; ++c) wv[q][c] = Load(w + q * ldw + i + 16 * c);
     for (int64_t r = 0; r < rows; ++r) {
-      float* o = out + r * m + i;
+      float* o = out + r * ldo + i;
       const float* sr = s + r * k;
       V16 acc[C];
       for (int c = 0; c < C; ++c) acc[c] = Load(o + 16 * c);
@@ -94,30 +97,31 @@ void RowsPass(float* out, int64_t m, const float* s, int64_t k, int64_t rows, co
   }
   if constexpr (C > 1) {
     if (i + 16 <= len) {
-      RowsPass<Q, 1>(out + i, m, s, k, rows, w + i, len - i, prefetch_rows);
+      RowsPass<Q, 1>(out + i, ldo, s, k, rows, w + i, ldw, len - i, prefetch_rows);
       return;
     }
   }
   for (; i < len; ++i) {
     for (int64_t r = 0; r < rows; ++r) {
-      float acc = out[r * m + i];
-      for (int q = 0; q < Q; ++q) acc = std::fma(s[r * k + q], Scalar(w[q * m + i]), acc);
-      out[r * m + i] = acc;
+      float acc = out[r * ldo + i];
+      for (int q = 0; q < Q; ++q) acc = std::fma(s[r * k + q], Scalar(w[q * ldw + i]), acc);
+      out[r * ldo + i] = acc;
     }
   }
 }
 
-// 'km' chunk: y[:, m0:m1] = x @ W[:, m0:m1], 8 rows of W a pass.
+// 'km' chunk: y[:, m0:m1] = x @ W[:, m0:m1], 8 rows of W a pass (rows of y `ldy` apart,
+// of W `ldw`).
 template <typename W>
-void ChunkKM(float* y, const float* x, const W* w, int64_t n, int64_t k, int64_t m,
-             int64_t m0, int64_t m1) {
-  for (int64_t r = 0; r < n; ++r) std::fill(y + r * m + m0, y + r * m + m1, 0.0f);
+void ChunkKM(float* y, int64_t ldy, const float* x, const W* w, int64_t ldw, int64_t n,
+             int64_t k, int64_t m0, int64_t m1) {
+  for (int64_t r = 0; r < n; ++r) std::fill(y + r * ldy + m0, y + r * ldy + m1, 0.0f);
   int64_t c = 0;
   for (; c + 8 <= k; c += 8) {
-    RowsPass<8, 2>(y + m0, m, x + c, k, n, w + c * m + m0, m1 - m0,
+    RowsPass<8, 2>(y + m0, ldy, x + c, k, n, w + c * ldw + m0, ldw, m1 - m0,
                    std::min<int64_t>(8, k - c - 8));
   }
-  for (; c < k; ++c) RowsPass<1, 2>(y + m0, m, x + c, k, n, w + c * m + m0, m1 - m0, 0);
+  for (; c < k; ++c) RowsPass<1, 2>(y + m0, ldy, x + c, k, n, w + c * ldw + m0, ldw, m1 - m0, 0);
 }
 
 // 'mk', J rows of W by R rows of x: y[r, m0 + j] = x[r, :] . W[m0 + j, :].
@@ -157,39 +161,71 @@ struct Shared {
   const uint32_t* xp = nullptr;  // x as bfloat16 pairs (the VDPBF16PS path) or null
   const uint32_t* xa = nullptr;  // x's pairs laid out for the AMX tiles (that path) or null
   const void* w;
-  bool bf16, mk;
+  bool bf16, mk, packed = false;  // packed: 'km' W in blocks of 32 columns (`RunChunk`)
   int64_t n, k, m, chunks, chunk_len;
   float* y;                  // the float32 sums
   uint16_t* y16 = nullptr;   // a bfloat16 y, rounded from them chunk by chunk, or null
   std::atomic<int64_t> next{0}, done{0};
 };
 
-// Chunk c: output columns [c * chunk_len, (c + 1) * chunk_len).
-void RunChunk(Shared& s, int64_t c) {
-  const int64_t a = c * s.chunk_len, b = std::min(s.m, a + s.chunk_len);
+// y[:, m0:m1] = x @ W[:, m0:m1] for a 'km' W whose rows are `ldw` apart (`block`: W is one
+// packed block of m1 - m0 columns).
+void RunKM(Shared& s, const void* w, int64_t ldw, float* y, int64_t m0, int64_t m1, bool block) {
 #ifdef MOELAB_AMX
   if (s.xa != nullptr) {
-    const auto* w = static_cast<const uint16_t*>(s.w);
-    if (s.mk) ChunkMKAmx(s.y, s.xa, w, s.n, s.k, s.m, a, b);
-    else ChunkKMAmx(s.y, s.xa, w, s.n, s.k, s.m, a, b);
+    ChunkKMAmx(y, s.m, s.xa, static_cast<const uint16_t*>(w), ldw, s.n, s.k, m0, m1);
     return;
   }
 #endif
 #ifdef MOELAB_BF16_DOT
   if (s.xp != nullptr) {
-    const auto* w = static_cast<const uint16_t*>(s.w);
-    if (s.mk) ChunkMKPairs(s.y, s.x, s.xp, w, s.n, s.k, s.m, a, b);
-    else ChunkKMPairs(s.y, s.x, s.xp, w, s.n, s.k, s.m, a, b);
+    ChunkKMPairs(y, s.m, s.x, s.xp, static_cast<const uint16_t*>(w), ldw, s.n, s.k, m0, m1, block);
     return;
   }
 #endif
-  if (s.mk) {
-    if (s.bf16) ChunkMK(s.y, s.x, static_cast<const uint16_t*>(s.w), s.n, s.k, s.m, a, b);
-    else ChunkMK(s.y, s.x, static_cast<const float*>(s.w), s.n, s.k, s.m, a, b);
+  if (s.bf16) {
+    const auto* wb = static_cast<const uint16_t*>(w);
+    if (!(block && PackedBlockF32(y, s.m, s.x, s.n, s.k, wb, m1 - m0)))
+      ChunkKM(y, s.m, s.x, wb, ldw, s.n, s.k, m0, m1);
   } else {
-    if (s.bf16) ChunkKM(s.y, s.x, static_cast<const uint16_t*>(s.w), s.n, s.k, s.m, a, b);
-    else ChunkKM(s.y, s.x, static_cast<const float*>(s.w), s.n, s.k, s.m, a, b);
+    const auto* wf = static_cast<const float*>(w);
+    if (!(block && PackedBlockF32(y, s.m, s.x, s.n, s.k, wf, m1 - m0)))
+      ChunkKM(y, s.m, s.x, wf, ldw, s.n, s.k, m0, m1);
   }
+}
+
+// Chunk c: output columns [c * chunk_len, (c + 1) * chunk_len). A packed 'km' W
+// (kernels/matmul_cpu.py `pack_km`) holds its columns [b, b + 32) as one contiguous [K, 32]
+// block at element b K (the last, narrower block likewise): each block is a 'km' W of its
+// own, read sequentially.
+void RunChunk(Shared& s, int64_t c) {
+  const int64_t a = c * s.chunk_len, b = std::min(s.m, a + s.chunk_len);
+  if (!s.mk) {
+    if (!s.packed) {
+      RunKM(s, s.w, s.m, s.y, a, b, false);
+      return;
+    }
+    const int64_t size = s.bf16 ? 2 : 4;
+    for (int64_t b0 = a; b0 < b; b0 += PACK_COLUMNS) {
+      const int64_t width = std::min(PACK_COLUMNS, s.m - b0);
+      RunKM(s, static_cast<const char*>(s.w) + b0 * s.k * size, width, s.y + b0, 0, width, true);
+    }
+    return;
+  }
+#ifdef MOELAB_AMX
+  if (s.xa != nullptr) {
+    ChunkMKAmx(s.y, s.xa, static_cast<const uint16_t*>(s.w), s.n, s.k, s.m, a, b);
+    return;
+  }
+#endif
+#ifdef MOELAB_BF16_DOT
+  if (s.xp != nullptr) {
+    ChunkMKPairs(s.y, s.x, s.xp, static_cast<const uint16_t*>(s.w), s.n, s.k, s.m, a, b);
+    return;
+  }
+#endif
+  if (s.bf16) ChunkMK(s.y, s.x, static_cast<const uint16_t*>(s.w), s.n, s.k, s.m, a, b);
+  else ChunkMK(s.y, s.x, static_cast<const float*>(s.w), s.n, s.k, s.m, a, b);
 }
 
 // y16[:, columns of chunk c] = y's, rounded (`RoundBf16`).
@@ -218,7 +254,7 @@ void Work(Shared& s) {
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                       ffi::Result<ffi::AnyBuffer> y, bool transpose_w, int64_t threads,
-                      int64_t chunk_bytes, bool amx) {
+                      int64_t chunk_bytes, bool amx, bool packed) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) {
     return ffi::Error::InvalidArgument("matmul: x [N, K] and a 2-D weight");
@@ -245,6 +281,10 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   s->w = w.untyped_data();
   s->bf16 = bf16;
   s->mk = transpose_w;
+  s->packed = packed;
+  if (packed && transpose_w) {
+    return ffi::Error::InvalidArgument("matmul: a packed weight is a [K, M] ('km') one");
+  }
   s->n = xd[0];
   s->k = xd[1];
   s->m = transpose_w ? wd[0] : wd[1];
@@ -313,6 +353,13 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
 
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PackKM, PackImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("threads"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Matmul, MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -322,7 +369,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Matmul, MatmulImpl,
                                   .Attr<bool>("transpose_w")
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("chunk_bytes")
-                                  .Attr<bool>("amx"));
+                                  .Attr<bool>("amx")
+                                  .Attr<bool>("packed"));
 
 // Which bfloat16-pair units this build can use: 1 VDPBF16PS, 2 the AMX tiles (built and
 // granted by the OS); kernels/matmul_cpu.py's `bf16_units`.

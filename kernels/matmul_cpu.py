@@ -33,7 +33,10 @@ CHUNK_BYTES = 1 << 19
 # bound by its weight read, which VDPBF16PS keeps up with; the tiles' layout of W costs
 # more there (docs/performance.md, SmolLM2 on AMX).
 AMX_MIN_ROWS = 2
-_KERNEL = CppKernel("matmul_cpu.cc", {TARGET: "Matmul"})
+# pack_km: the columns of W a block holds (kernels/matmul_cpu.cc PACK_COLUMNS).
+PACK_COLUMNS = 32
+PACK_TARGET = "moelab_pack_km"
+_KERNEL = CppKernel("matmul_cpu.cc", {TARGET: "Matmul", PACK_TARGET: "PackKM"})
 
 
 def available() -> bool:
@@ -55,8 +58,43 @@ def bf16_units() -> tuple[str, ...]:
   return tuple(name for bit, name in ((2, "amx"), (1, "avx512_bf16")) if units & bit)
 
 
+def pack_km(w_KxM, threads: int = 1):
+  """W [K, M] with its columns in blocks of PACK_COLUMNS, each a contiguous [K, 32] matrix
+  (the last one narrower), in an array of W's shape: `matmul(..., packed=True)` then reads
+  every block as one sequential stream, which the hardware prefetchers follow, where a
+  [K, M] W gives one short run per row and block. Copied in row segments by `threads` of
+  XLA's pool (XLA's own transpose, `pack_km_reference`, runs ~10x slower on CPU);
+  `unpack_km` inverts it."""
+  if not available():
+    raise RuntimeError(f"matmul_cpu kernel unavailable: {build_error() or 'not the CPU backend'}")
+  if w_KxM.dtype not in WEIGHT_DTYPES or w_KxM.ndim != 2:
+    raise ValueError(f"matmul_cpu.pack_km: a float32 or bfloat16 [K, M] weight "
+                     f"(got {w_KxM.shape} {w_KxM.dtype})")
+  call = jax.ffi.ffi_call(PACK_TARGET, jax.ShapeDtypeStruct(w_KxM.shape, w_KxM.dtype),
+                          vmap_method="sequential")
+  return call(w_KxM, threads=np.int64(max(1, threads)))
+
+
+def pack_km_reference(w_KxM):
+  """`pack_km` in plain XLA."""
+  k, m = w_KxM.shape
+  whole = m // PACK_COLUMNS * PACK_COLUMNS
+  blocks = w_KxM[:, :whole].reshape(k, -1, PACK_COLUMNS).transpose(1, 0, 2).reshape(-1)
+  return jnp.concatenate([blocks, w_KxM[:, whole:].reshape(-1)]).reshape(k, m)
+
+
+def unpack_km(p_KxM):
+  """The [K, M] W that `pack_km` packed into p."""
+  k, m = p_KxM.shape
+  whole = m // PACK_COLUMNS * PACK_COLUMNS
+  flat = p_KxM.reshape(-1)
+  blocks = flat[:k * whole].reshape(-1, k, PACK_COLUMNS).transpose(1, 0, 2).reshape(k, whole)
+  return jnp.concatenate([blocks, flat[k * whole:].reshape(k, m - whole)], axis=1)
+
+
 def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
-           chunk_bytes: int = CHUNK_BYTES, out_dtype=jnp.float32, amx: bool | None = None):
+           chunk_bytes: int = CHUNK_BYTES, out_dtype=jnp.float32, amx: bool | None = None,
+           packed: bool = False):
   """y_NxM in `out_dtype` (see the module docstring); x is taken as float32 unless bfloat16.
 
   out_dtype: float32, or bfloat16 (the float32 sums rounded to nearest even in
@@ -67,6 +105,8 @@ def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
   summed in another fixed order; on the AMX tiles where the CPU has AMX-BF16 and
   `amx` (kernels/matmul_cpu_amx.h, a third fixed order; `bf16_units()` says which
   this build has). amx=None: for products of at least AMX_MIN_ROWS rows.
+
+  packed: W [K, M] is `pack_km(W)` (not with transpose_w).
 
   threads: threads of XLA's intra-op pool that share W's read, in chunks
   of about `chunk_bytes` of its output columns (the result depends on
@@ -81,6 +121,8 @@ def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
   if k_w != x_NxK.shape[1]:
     raise ValueError(f"matmul_cpu: contraction sizes differ: x {x_NxK.shape}, w {w.shape} "
                      f"(transpose_w={transpose_w})")
+  if packed and transpose_w:
+    raise ValueError("matmul_cpu: packed=True takes a pack_km [K, M] weight, not transpose_w")
   if jnp.dtype(out_dtype) not in WEIGHT_DTYPES:
     raise ValueError(f"matmul_cpu: out_dtype must be float32 or bfloat16 (got {out_dtype})")
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_NxK.shape[0], m), out_dtype),
@@ -88,7 +130,8 @@ def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,
   x = x_NxK if x_NxK.dtype == jnp.bfloat16 else x_NxK.astype(jnp.float32)
   return call(x, w, transpose_w=bool(transpose_w), threads=np.int64(max(1, threads)),
               chunk_bytes=np.int64(max(1, chunk_bytes)),
-              amx=bool(x_NxK.shape[0] >= AMX_MIN_ROWS if amx is None else amx))
+              amx=bool(x_NxK.shape[0] >= AMX_MIN_ROWS if amx is None else amx),
+              packed=bool(packed))
 
 
 def matmul_reference(x_NxK, w, transpose_w: bool = False):

@@ -79,8 +79,8 @@ inline std::vector<uint32_t> PairTiles(const uint32_t* xp, int64_t n, int64_t kp
 // b, at vnni + (j * blocks + b) * 256: [p][i] = (W[2p, m0 + 16j + i], W[2p + 1, m0 + 16j + i]),
 // zero past k and m1. One pass down W's rows (two at a time, the chunk's width of each
 // contiguous), the rows four pairs ahead prefetched.
-inline void InterleaveChunk(uint32_t* vnni, const uint16_t* w, int64_t k, int64_t m, int64_t m0,
-                            int64_t m1, int64_t blocks) {
+inline void InterleaveChunk(uint32_t* vnni, const uint16_t* w, int64_t k, int64_t ldw,
+                            int64_t m0, int64_t m1, int64_t blocks) {
   const PairPermutes perm;
   const int64_t kp = (k + 1) / 2, tile = blocks * KB * 16;
   for (int64_t p = 0; p < blocks * KB; ++p) {
@@ -93,12 +93,12 @@ inline void InterleaveChunk(uint32_t* vnni, const uint16_t* w, int64_t k, int64_
       }
       const int64_t cols = std::min<int64_t>(32, m1 - c);
       const __mmask32 mask = cols >= 32 ? ~0u : (1u << cols) - 1;
-      const uint16_t* r = w + 2 * p * m + c;
+      const uint16_t* r = w + 2 * p * ldw + c;
       for (int64_t q = 2 * p + 8; q < std::min(2 * p + 10, k); ++q)
-        __builtin_prefetch(w + q * m + c, 0, 2);
+        __builtin_prefetch(w + q * ldw + c, 0, 2);
       const __m512i a = _mm512_maskz_loadu_epi16(mask, r);
       const __m512i b =
-          2 * p + 1 < k ? _mm512_maskz_loadu_epi16(mask, r + m) : _mm512_setzero_si512();
+          2 * p + 1 < k ? _mm512_maskz_loadu_epi16(mask, r + ldw) : _mm512_setzero_si512();
       _mm512_storeu_si512(row + j * tile, _mm512_permutex2var_epi16(a, perm.lo, b));
       if (cols > 16)
         _mm512_storeu_si512(row + (j + 1) * tile, _mm512_permutex2var_epi16(a, perm.hi, b));
@@ -122,13 +122,13 @@ inline void StoreC(float* y, int64_t m, int64_t c0, int64_t cols, int rows, floa
 // 'km' chunk: y[:, m0:m1] = x @ W[:, m0:m1]; xa = PairTiles(x). W's columns are
 // interleaved once (`InterleaveChunk`, a scratch buffer the size of the chunk, in L2),
 // then every block of 16 rows of x takes them 32 columns (tiles 4, 5) at a time.
-void ChunkKMAmx(float* y, const uint32_t* xa, const uint16_t* w, int64_t n, int64_t k,
-                int64_t m, int64_t m0, int64_t m1) {
+void ChunkKMAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w, int64_t ldw,
+                int64_t n, int64_t k, int64_t m0, int64_t m1) {
   const int64_t blocks = ((k + 1) / 2 + KB - 1) / KB, tile = blocks * KB * 16;
   const int64_t tiles = (m1 - m0 + 15) / 16;
   thread_local std::vector<uint32_t> vnni;
   vnni.resize(tiles * tile);
-  InterleaveChunk(vnni.data(), w, k, m, m0, m1, blocks);
+  InterleaveChunk(vnni.data(), w, k, ldw, m0, m1, blocks);
   float tmp[512];
   int configured = 0;
   for (int64_t r0 = 0; r0 < n; r0 += 16) {
@@ -154,7 +154,7 @@ void ChunkKMAmx(float* y, const uint32_t* xa, const uint16_t* w, int64_t n, int6
         _tile_dpbf16ps(4, 0, 2);
         _tile_dpbf16ps(5, 0, 3);
       }
-      StoreC(y + r0 * m, m, m0 + 16 * j, std::min<int64_t>(32, m1 - m0 - 16 * j), rows, tmp);
+      StoreC(y + r0 * ldy, ldy, m0 + 16 * j, std::min<int64_t>(32, m1 - m0 - 16 * j), rows, tmp);
     }
   }
 }

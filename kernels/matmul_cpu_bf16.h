@@ -38,21 +38,29 @@ struct PairPermutes {
   __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
 };
 
+// 16 columns of two W rows (at w and w + ldw) as their 16 pairs.
+inline __m512i PairOf16(const uint16_t* w, int64_t ldw, const PairPermutes& perm) {
+  const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  const __m512i b =
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ldw)));
+  return _mm512_permutex2var_epi16(a, perm.lo, b);
+}
+
 // 'km', P pairs of W rows a pass: out[r, i] += sum_p x[r, 2p] W[2p, i] + x[r, 2p+1] W[2p+1, i]
-// for columns i < len (the multiple of 16 below it; the caller does the rest).
-// W's two rows of a pair are interleaved in registers (one permute per 16 columns),
-// then serve every row of x.
+// for columns i < len (the multiple of 16 below it; the caller does the rest), rows of W
+// `ldw` apart. W's two rows of a pair are interleaved in registers (one permute per 16
+// columns), then serve every row of x.
 template <int P>
-int64_t PairsPass(float* out, int64_t ldo, int64_t m, const uint32_t* xp, int64_t kp,
+int64_t PairsPass(float* out, int64_t ldo, int64_t ldw, const uint32_t* xp, int64_t kp,
                   int64_t rows, const uint16_t* w, int64_t len, int64_t prefetch_rows) {
   const PairPermutes perm;
   int64_t i = 0;
   for (; i + 32 <= len; i += 32) {
-    for (int64_t q = 0; q < prefetch_rows; ++q) __builtin_prefetch(w + (2 * P + q) * m + i, 0, 2);
+    for (int64_t q = 0; q < prefetch_rows; ++q) __builtin_prefetch(w + (2 * P + q) * ldw + i, 0, 2);
     __m512i wv[P][2];
     for (int p = 0; p < P; ++p) {
-      const __m512i a = _mm512_loadu_si512(w + 2 * p * m + i);
-      const __m512i b = _mm512_loadu_si512(w + (2 * p + 1) * m + i);
+      const __m512i a = _mm512_loadu_si512(w + 2 * p * ldw + i);
+      const __m512i b = _mm512_loadu_si512(w + (2 * p + 1) * ldw + i);
       wv[p][0] = _mm512_permutex2var_epi16(a, perm.lo, b);
       wv[p][1] = _mm512_permutex2var_epi16(a, perm.hi, b);
     }
@@ -70,13 +78,7 @@ int64_t PairsPass(float* out, int64_t ldo, int64_t m, const uint32_t* xp, int64_
   }
   if (i + 16 <= len) {
     __m512i wv[P];
-    for (int p = 0; p < P; ++p) {
-      const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(w + 2 * p * m + i)));
-      const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(w + (2 * p + 1) * m + i)));
-      wv[p] = _mm512_permutex2var_epi16(a, perm.lo, b);
-    }
+    for (int p = 0; p < P; ++p) wv[p] = PairOf16(w + 2 * p * ldw + i, ldw, perm);
     for (int64_t r = 0; r < rows; ++r) {
       float* o = out + r * ldo + i;
       __m512 acc = _mm512_loadu_ps(o);
@@ -90,51 +92,95 @@ int64_t PairsPass(float* out, int64_t ldo, int64_t m, const uint32_t* xp, int64_
   return i;
 }
 
-// 'km' chunk with bfloat16 x: pairs of W rows (4 a pass, then 1), the columns past
-// the last 16 and an odd last row of W by `RowsPass`'s float32 FMAs.
-void ChunkKMPairsRows(float* y, const float* x, const uint32_t* xp, const uint16_t* w,
-                      int64_t n, int64_t k, int64_t m, int64_t m0, int64_t m1) {
+// A packed block (matmul_cpu.py `pack_km`: W's columns [c, c + V 16) stored as a contiguous
+// [K, 16 V] matrix), by R <= 8 rows of x: out[r, :16 V] = x[r, :k2] @ W[:k2, block], the
+// R x V sums in registers down all k2 (even) rows, which are one sequential read. The
+// pairs run in k order, as in `PairsPass`: the same sums.
+template <int R, int V>
+void PackedPairColumns(float* out, int64_t ldo, const uint32_t* xp, int64_t kp,
+                       const uint16_t* w, int64_t k2) {
+  const PairPermutes perm;
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < k2; q += 2) {
+    const uint16_t* wq = w + q * 16 * V;
+    __m512i wv[V];
+    if constexpr (V == 2) {
+      const __m512i a = _mm512_loadu_si512(wq), b = _mm512_loadu_si512(wq + 32);
+      wv[0] = _mm512_permutex2var_epi16(a, perm.lo, b);
+      wv[1] = _mm512_permutex2var_epi16(a, perm.hi, b);
+    } else {
+      wv[0] = PairOf16(wq, 16, perm);
+    }
+    for (int r = 0; r < R; ++r) {
+      const BH xb = AsBH(_mm512_set1_epi32(static_cast<int>(xp[r * kp + q / 2])));
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], AsBH(wv[v]), xb);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + r * ldo + 16 * v, acc[r][v]);
+}
+
+// 'km' chunk with bfloat16 x: y[:, m0:m1] = x @ W[:, m0:m1], rows of y `ldy` apart and of
+// W `ldw`. Pairs of W rows (4 a pass, then 1), or for a packed block (`packed`: W is one
+// contiguous [K, m1 - m0] block, 16 or 32 wide) and a decode step's rows `PackedPairColumns`;
+// the columns past the last 16 and an odd last row of W by `RowsPass`'s float32 FMAs.
+void ChunkKMPairsRows(float* y, int64_t ldy, const float* x, const uint32_t* xp,
+                      const uint16_t* w, int64_t ldw, int64_t n, int64_t k, int64_t m0,
+                      int64_t m1, bool packed) {
   // The block accumulates in a dense tile: rows of y are m floats apart, and with m a
   // multiple of 1024 (3072: FFN-in) they all fall in one L1 set and evict each other.
   // A decode step's few rows fit one set's ways: they accumulate in y itself (the
   // same sums in the same order either way).
   const int64_t kp = (k + 1) / 2, len = m1 - m0;
   const bool direct = n <= 8;
-  std::vector<float> tile(direct ? 0 : n * len, 0.0f);
+  thread_local std::vector<float> tile;
+  if (!direct) tile.assign(n * len, 0.0f);
   float* acc = direct ? y + m0 : tile.data();
-  const int64_t ldo = direct ? m : len;
-  if (direct) {
-    for (int64_t r = 0; r < n; ++r) std::fill(acc + r * ldo, acc + r * ldo + len, 0.0f);
-  }
+  const int64_t ldo = direct ? ldy : len;
   int64_t c = 0, done = len;
-  for (; c + 8 <= k; c += 8)
-    done = PairsPass<4>(acc, ldo, m, xp + c / 2, kp, n, w + c * m + m0, len,
-                        std::min<int64_t>(8, k - c - 8));
-  for (; c + 2 <= k; c += 2)
-    done = PairsPass<1>(acc, ldo, m, xp + c / 2, kp, n, w + c * m + m0, len, 0);
+  if (direct && packed && (len == 16 || len == 32)) {
+    c = k / 2 * 2;
+    WithRows(n, [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      if (len == 32) PackedPairColumns<R, 2>(acc, ldo, xp, kp, w, c);
+      else PackedPairColumns<R, 1>(acc, ldo, xp, kp, w, c);
+    });
+  } else {
+    if (direct) {
+      for (int64_t r = 0; r < n; ++r) std::fill(acc + r * ldo, acc + r * ldo + len, 0.0f);
+    }
+    for (; c + 8 <= k; c += 8)
+      done = PairsPass<4>(acc, ldo, ldw, xp + c / 2, kp, n, w + c * ldw + m0, len,
+                          std::min<int64_t>(8, k - c - 8));
+    for (; c + 2 <= k; c += 2)
+      done = PairsPass<1>(acc, ldo, ldw, xp + c / 2, kp, n, w + c * ldw + m0, len, 0);
+  }
   for (int64_t r = 0; r < n; ++r) {
     float* t = acc + r * ldo;
     for (int64_t j = done; j < len; ++j) {  // the last columns: each pair's two FMAs, in k order
       float acc = 0.0f;
       for (int64_t q = 0; q + 1 < k; q += 2) {
-        acc = std::fma(x[r * k + q], Scalar(w[q * m + m0 + j]), acc);
-        acc = std::fma(x[r * k + q + 1], Scalar(w[(q + 1) * m + m0 + j]), acc);
+        acc = std::fma(x[r * k + q], Scalar(w[q * ldw + m0 + j]), acc);
+        acc = std::fma(x[r * k + q + 1], Scalar(w[(q + 1) * ldw + m0 + j]), acc);
       }
       t[j] = acc;
     }
     if (c < k) {  // an odd last row of W
-      for (int64_t j = 0; j < len; ++j) t[j] = std::fma(x[r * k + c], Scalar(w[c * m + m0 + j]), t[j]);
+      for (int64_t j = 0; j < len; ++j)
+        t[j] = std::fma(x[r * k + c], Scalar(w[c * ldw + m0 + j]), t[j]);
     }
-    if (!direct) std::memcpy(y + r * m + m0, t, len * sizeof(float));
+    if (!direct) std::memcpy(y + r * ldy + m0, t, len * sizeof(float));
   }
 }
 
-void ChunkKMPairs(float* y, const float* x, const uint32_t* xp, const uint16_t* w, int64_t n,
-                  int64_t k, int64_t m, int64_t m0, int64_t m1) {
+void ChunkKMPairs(float* y, int64_t ldy, const float* x, const uint32_t* xp, const uint16_t* w,
+                  int64_t ldw, int64_t n, int64_t k, int64_t m0, int64_t m1, bool packed) {
   const int64_t kp = (k + 1) / 2;
   for (int64_t r = 0; r < n; r += PAIR_ROWS) {
-    ChunkKMPairsRows(y + r * m, x + r * k, xp + r * kp, w, std::min(PAIR_ROWS, n - r), k, m,
-                     m0, m1);
+    ChunkKMPairsRows(y + r * ldy, ldy, x + r * k, xp + r * kp, w, ldw, std::min(PAIR_ROWS, n - r),
+                     k, m0, m1, packed);
   }
 }
 

@@ -125,4 +125,21 @@ void ForTiles(int64_t m0, int64_t m1, int64_t n, Tile tile) {
   for (; c < m1; ++c) rows(c, integral_constant<int, 1>{}, false);
 }
 
+// f(std::integral_constant<int, R>{}) for R = rows, 1 <= rows <= 8: a kernel templated on
+// a decode step's rows.
+template <typename F>
+void WithRows(int64_t rows, F f) {
+  using std::integral_constant;
+  switch (rows) {
+    case 1: f(integral_constant<int, 1>{}); break;
+    case 2: f(integral_constant<int, 2>{}); break;
+    case 3: f(integral_constant<int, 3>{}); break;
+    case 4: f(integral_constant<int, 4>{}); break;
+    case 5: f(integral_constant<int, 5>{}); break;
+    case 6: f(integral_constant<int, 6>{}); break;
+    case 7: f(integral_constant<int, 7>{}); break;
+    default: f(integral_constant<int, 8>{}); break;
+  }
+}
+
 }  // namespace

@@ -24,6 +24,10 @@ uses the defaults, the plain XLA forms that run well on every backend.
                'cpu_kernel'  decode-sized weight products (model/linear.py) in the C++
                              matrix kernel (kernels/matmul_cpu.py)
     matmul_threads  threads of that kernel (cores per device)
+    matmul_packed  'cpu_kernel' only: each [K, M] weight goes to the kernel laid out in
+               blocks of 32 columns (`matmul_cpu.pack_km`), which it reads as one
+               sequential stream; the layout is an XLA op on the weight, which XLA hoists
+               out of a decode while loop (decode/generate.py sets it for that loop only)
     remat      'none'  training keeps every activation the backward pass needs
                'block' each block under `jax.checkpoint` with `nothing_saveable`: only
                        the block's inputs are kept; its forward is recomputed in the
@@ -59,6 +63,7 @@ class ModelImpl:
   mla: str = "absorbed"
   matmul: str = "xla"
   matmul_threads: int = 0
+  matmul_packed: bool = False
   remat: str = "none"
   attention_kernel: str = ""
   interpret: bool = False
@@ -85,5 +90,8 @@ class ModelImpl:
     if (self.matmul == "cpu_kernel") != (self.matmul_threads > 0):
       raise ValueError("impl.matmul_threads: > 0 exactly when matmul='cpu_kernel' "
                        f"(got {self.matmul_threads} with matmul={self.matmul!r})")
+    if self.matmul_packed and self.matmul != "cpu_kernel":
+      raise ValueError(f"impl.matmul_packed: only with matmul='cpu_kernel' "
+                       f"(got matmul={self.matmul!r})")
     if self.remat not in REMAT_IMPLS:
       raise ValueError(f"impl.remat: must be one of {REMAT_IMPLS} (got {self.remat!r})")

@@ -8,7 +8,8 @@ the model), the product accumulated in float32 and returned in `dtype`
 (or `out_dtype`: the unembedding returns float32 logits via `einsum_f32`).
 With impl.matmul 'cpu_kernel' (decode/backend.py picks it on CPU) a product
 of at most DECODE_ROWS rows, a decode step, runs in the C++ kernel of
-kernels/matmul_cpu.py, which reads W once, in place, for all rows; so does a
+kernels/matmul_cpu.py, which reads W once for all rows (with impl.matmul_packed
+laid out in 32-column blocks first, `matmul_cpu.pack_km`); so does a
 bfloat16 product of any size (a prompt's prefill: XLA:CPU widens every bf16
 weight in a pass of its own before its dot, docs/performance.md). Other
 products (float32 prefill, training) and impl.matmul 'xla' are XLA dots.
@@ -72,8 +73,11 @@ def project(x_BxLxK, w, impl: ModelImpl, dtype, transpose_w: bool = False, out_d
     # W to cast it to a float32 `dtype`.
     if w.dtype != dt and not (w.dtype == jnp.bfloat16 and dt == jnp.float32):
       w = w.astype(dt)
+    packed = impl.matmul_packed and not transpose_w
+    if packed:  # loop-invariant: XLA lays W out once, before a decode loop
+      w = matmul_cpu.pack_km(w, impl.matmul_threads)
     y = matmul_cpu.matmul(x.reshape(b * l, k), w, transpose_w, impl.matmul_threads,
-                          out_dtype=out)
+                          out_dtype=out, packed=packed)
     return y.reshape(b, l, -1)
   w = w.astype(dt)
   spec = "blk,mk->blm" if transpose_w else "blk,km->blm"
