@@ -2,6 +2,7 @@
 
     y_NxM = x_NxK @ W_KxM          transpose_w=False
     y_NxM = x_NxK @ W_MxK^T        transpose_w=True  (a tied [V, D] unembedding)
+    y_NxM = x_NxK @ W_KxM          packed=True, W given as pack_km(W_KxM)
 
 `matmul` reads W once, in place, for all N rows, split over the threads of
 XLA's intra-op pool, widening a bfloat16 W to float32 in registers and
@@ -9,8 +10,10 @@ accumulating in float32 (`kernels/matmul_cpu.cc` explains the split).
 XLA:CPU widens a bfloat16 weight in a separate pass over all of it before
 its dot, and multiplies several rows by a transposed weight far below the
 memory read rate without YNNPACK; a decode step, bound by reading its
-weights, is what this speeds up. `matmul_reference` is the same product in
-plain XLA, the one the kernel is tested against.
+weights, is what this speeds up. `pack_km` lays a [K, M] W out in 32-column
+blocks that a step reads as sequential streams (kernels/matmul_cpu_packed.h):
+once per decode loop, the same sums. `matmul_reference` is the same product
+in plain XLA, the one the kernel is tested against.
 
 Built on first use and cached (kernels/cpu_build.py); `available()` says
 whether that worked, `build_error()` why not.
