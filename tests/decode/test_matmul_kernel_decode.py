@@ -60,6 +60,7 @@ def test_kernel_decodes_the_tokens_of_the_xla_products(params, strategy):
       proc.SamplingParams.create(3), jax.random.split(jax.random.key(0), 3),
       (np.float32(1.0), np.int32(1))).as_text()
   assert f"@{matmul_cpu.TARGET}(" in hlo
+  assert f"@{matmul_cpu.PACK_TARGET}(" in hlo  # the loop's weights laid out once (pack_km)
   kernel = generate(CFG, params, PROMPTS, gen)
   xla = generate(CFG, params, PROMPTS, gen, matmul_impl="xla")
   assert kernel.backend.impl.matmul == "cpu_kernel" and xla.backend.impl.matmul == "xla"
@@ -77,3 +78,20 @@ def test_bfloat16_weights_decode_alike(params):
   xla = generate(cfg, p16, PROMPTS, gen, matmul_impl="xla")
   assert kernel.backend.impl.matmul == "cpu_kernel"
   np.testing.assert_array_equal(kernel.tokens, xla.tokens)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the C++ matrix kernel runs on the CPU backend only")
+def test_packed_weights_of_latent_attention_and_experts_decode_alike():
+  """MLA (a q LoRA, per-head up-projections, an output over two contracted axes) with
+  MoE blocks: every [K, M] product packed in the kernel gives XLA's tokens."""
+  cfg = CFG.replace(attention="mla", kv_lora_rank=16, q_lora_rank=24, rope_head_dim=4,
+                    num_experts=4, moe_top_k=2, moe_every=2)
+  p = jax.jit(Decoder(cfg).init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
+  p = jax.tree.map(lambda x: x * 3.0 if x.ndim > 1 else x, p)
+  gen = GenerationConfig(max_new_tokens=10, num_devices=1, matmul_impl="cpu_kernel",
+                         cache_growth=0)
+  kernel = generate(cfg, p, PROMPTS, gen)
+  xla = generate(cfg, p, PROMPTS, gen, matmul_impl="xla")
+  assert kernel.backend.loop_impl().matmul_packed
+  np.testing.assert_array_equal(kernel.tokens, xla.tokens)
+  np.testing.assert_allclose(kernel.logprobs, xla.logprobs, rtol=1e-5, atol=1e-5)
