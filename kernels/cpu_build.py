@@ -38,6 +38,7 @@ def cores() -> int:
   return os.cpu_count() or 1
 
 
+@functools.cache
 def last_level_cache_bytes() -> int:
   """Size of this CPU's last-level cache (Linux sysfs; 32 MiB where it does not say)."""
   caches = pathlib.Path("/sys/devices/system/cpu/cpu0/cache")

@@ -183,15 +183,12 @@ void RunKM(Shared& s, const void* w, int64_t ldw, float* y, int64_t m0, int64_t 
     return;
   }
 #endif
-  if (s.bf16) {
-    const auto* wb = static_cast<const uint16_t*>(w);
-    if (!(block && PackedBlockF32(y, s.m, s.x, s.n, s.k, wb, m1 - m0)))
-      ChunkKM(y, s.m, s.x, wb, ldw, s.n, s.k, m0, m1);
-  } else {
-    const auto* wf = static_cast<const float*>(w);
-    if (!(block && PackedBlockF32(y, s.m, s.x, s.n, s.k, wf, m1 - m0)))
-      ChunkKM(y, s.m, s.x, wf, ldw, s.n, s.k, m0, m1);
-  }
+  auto fmas = [&](const auto* wt) {  // float32 FMAs, W float32 or bfloat16
+    if (!(block && PackedBlockF32(y, s.m, s.x, s.n, s.k, wt, m1 - m0)))
+      ChunkKM(y, s.m, s.x, wt, ldw, s.n, s.k, m0, m1);
+  };
+  if (s.bf16) fmas(static_cast<const uint16_t*>(w));
+  else fmas(static_cast<const float*>(w));
 }
 
 // Chunk c: output columns [c * chunk_len, (c + 1) * chunk_len). A packed 'km' W
