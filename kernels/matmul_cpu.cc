@@ -169,7 +169,7 @@ struct Shared {
 };
 
 // y[:, m0:m1] = x @ W[:, m0:m1] for a 'km' W whose rows are `ldw` apart (`block`: W is one
-// packed block of m1 - m0 columns).
+// packed float32 block of m1 - m0 columns).
 void RunKM(Shared& s, const void* w, int64_t ldw, float* y, int64_t m0, int64_t m1, bool block) {
 #ifdef MOELAB_AMX
   if (s.xa != nullptr) {
@@ -179,7 +179,7 @@ void RunKM(Shared& s, const void* w, int64_t ldw, float* y, int64_t m0, int64_t 
 #endif
 #ifdef MOELAB_BF16_DOT
   if (s.xp != nullptr) {
-    ChunkKMPairs(y, s.m, s.x, s.xp, static_cast<const uint16_t*>(w), ldw, s.n, s.k, m0, m1, block);
+    ChunkKMPairs(y, s.m, s.x, s.xp, static_cast<const uint16_t*>(w), ldw, s.n, s.k, m0, m1);
     return;
   }
 #endif
@@ -191,10 +191,36 @@ void RunKM(Shared& s, const void* w, int64_t ldw, float* y, int64_t m0, int64_t 
   else fmas(static_cast<const float*>(w));
 }
 
+// y[:, :width] for a packed bfloat16 block w (rows in pairs, matmul_cpu_packed.h): the AMX
+// tiles, or a decode step's rows by 16 or 32 columns in registers (VDPBF16PS or float32
+// FMAs), or else the block restored to W's own layout for the unpacked paths.
+void RunPackedPairs(Shared& s, const uint16_t* w, float* y, int64_t width, int& configured) {
+#ifdef MOELAB_AMX
+  if (s.xa != nullptr) {
+    PackedBlockAmx(y, s.m, s.xa, w, s.n, s.k, width, configured);
+    return;
+  }
+#endif
+  (void)configured;
+  if (s.n <= 8 && (width == 16 || width == 32)) {
+#ifdef MOELAB_BF16_DOT
+    if (s.xp != nullptr) {
+      PackedPairsBlock(y, s.m, s.x, s.xp, w, s.n, s.k, width);
+      return;
+    }
+#endif
+    if (PackedBlockF32(y, s.m, s.x, s.n, s.k, w, width)) return;
+  }
+  thread_local std::vector<uint16_t> plain;
+  plain.resize(s.k * width);
+  UnpackPairs(w, plain.data(), s.k, width);
+  RunKM(s, plain.data(), width, y, 0, width, false);
+}
+
 // Chunk c: output columns [c * chunk_len, (c + 1) * chunk_len). A packed 'km' W
-// (kernels/matmul_cpu.py `pack_km`) holds its columns [b, b + 32) as one contiguous [K, 32]
-// block at element b K (the last, narrower block likewise): each block is a 'km' W of its
-// own, read sequentially.
+// (kernels/matmul_cpu.py `pack_km`) holds its columns [b, b + 32) as one contiguous
+// block at element b K (the last, narrower block likewise): each block is read
+// sequentially, on its own.
 void RunChunk(Shared& s, int64_t c) {
   const int64_t a = c * s.chunk_len, b = std::min(s.m, a + s.chunk_len);
   if (!s.mk) {
@@ -203,9 +229,12 @@ void RunChunk(Shared& s, int64_t c) {
       return;
     }
     const int64_t size = s.bf16 ? 2 : 4;
+    int configured = 0;  // AMX: configured once for the chunk's blocks
     for (int64_t b0 = a; b0 < b; b0 += PACK_COLUMNS) {
       const int64_t width = std::min(PACK_COLUMNS, s.m - b0);
-      RunKM(s, static_cast<const char*>(s.w) + b0 * s.k * size, width, s.y + b0, 0, width, true);
+      const void* block = static_cast<const char*>(s.w) + b0 * s.k * size;
+      if (s.bf16) RunPackedPairs(s, static_cast<const uint16_t*>(block), s.y + b0, width, configured);
+      else RunKM(s, block, width, s.y + b0, 0, width, true);
     }
     return;
   }

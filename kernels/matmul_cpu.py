@@ -11,8 +11,9 @@ XLA:CPU widens a bfloat16 weight in a separate pass over all of it before
 its dot, and multiplies several rows by a transposed weight far below the
 memory read rate without YNNPACK; a decode step, bound by reading its
 weights, is what this speeds up. `pack_km` lays a [K, M] W out in 32-column
-blocks that a step reads as sequential streams (kernels/matmul_cpu_packed.h):
-once per decode loop, the same sums. `matmul_reference` is the same product
+blocks that a step reads as sequential streams (kernels/matmul_cpu_packed.h;
+bfloat16 rows in pairs, as the bfloat16 units take them): once per decode
+loop, the same sums. `matmul_reference` is the same product
 in plain XLA, the one the kernel is tested against.
 
 Built on first use and cached (kernels/cpu_build.py); `available()` says
@@ -62,12 +63,14 @@ def bf16_units() -> tuple[str, ...]:
 
 
 def pack_km(w_KxM, threads: int = 1):
-  """W [K, M] with its columns in blocks of PACK_COLUMNS, each a contiguous [K, 32] matrix
-  (the last one narrower), in an array of W's shape: `matmul(..., packed=True)` then reads
-  every block as one sequential stream, which the hardware prefetchers follow, where a
-  [K, M] W gives one short run per row and block. Copied in row segments by `threads` of
-  XLA's pool (XLA's own transpose, `pack_km_reference`, runs ~10x slower on CPU);
-  `unpack_km` inverts it."""
+  """W [K, M] with its columns in blocks of PACK_COLUMNS, each one contiguous run of K x 32
+  elements (the last block narrower), in an array of W's shape: float32 as the [K, 32]
+  matrix, bfloat16 with rows 2p and 2p + 1 interleaved into pairs along k (the order
+  VDPBF16PS and the AMX tiles take W; an odd last row after them as it is).
+  `matmul(..., packed=True)` then reads every block as one sequential stream, which the
+  hardware prefetchers follow, where a [K, M] W gives one short run per row and block.
+  Copied in row segments by `threads` of XLA's pool (XLA's own transpose,
+  `pack_km_reference`, runs ~10x slower on CPU); `unpack_km` inverts it."""
   if not available():
     raise RuntimeError(f"matmul_cpu kernel unavailable: {build_error() or 'not the CPU backend'}")
   if w_KxM.dtype not in WEIGHT_DTYPES or w_KxM.ndim != 2:
@@ -78,21 +81,39 @@ def pack_km(w_KxM, threads: int = 1):
   return call(w_KxM, threads=np.int64(max(1, threads)))
 
 
+def _block_order(w_KxW):
+  """One block's [K, width] elements in pack_km's order, flat."""
+  k, width = w_KxW.shape
+  if w_KxW.dtype != jnp.bfloat16 or k < 2:
+    return w_KxW.reshape(-1)
+  even = k // 2 * 2
+  pairs = w_KxW[:even].reshape(k // 2, 2, width).transpose(0, 2, 1).reshape(-1)
+  return jnp.concatenate([pairs, w_KxW[even:].reshape(-1)])
+
+
+def _block_from(flat, k: int, width: int, dtype):
+  """`_block_order`'s inverse: the [K, width] block."""
+  if dtype != jnp.bfloat16 or k < 2:
+    return flat.reshape(k, width)
+  even = k // 2 * 2
+  pairs = flat[:even * width].reshape(k // 2, width, 2).transpose(0, 2, 1).reshape(even, width)
+  return jnp.concatenate([pairs, flat[even * width:].reshape(k - even, width)])
+
+
 def pack_km_reference(w_KxM):
   """`pack_km` in plain XLA."""
   k, m = w_KxM.shape
-  whole = m // PACK_COLUMNS * PACK_COLUMNS
-  blocks = w_KxM[:, :whole].reshape(k, -1, PACK_COLUMNS).transpose(1, 0, 2).reshape(-1)
-  return jnp.concatenate([blocks, w_KxM[:, whole:].reshape(-1)]).reshape(k, m)
+  cuts = range(0, m, PACK_COLUMNS)
+  return jnp.concatenate([_block_order(w_KxM[:, c:c + PACK_COLUMNS]) for c in cuts]).reshape(k, m)
 
 
 def unpack_km(p_KxM):
   """The [K, M] W that `pack_km` packed into p."""
   k, m = p_KxM.shape
-  whole = m // PACK_COLUMNS * PACK_COLUMNS
   flat = p_KxM.reshape(-1)
-  blocks = flat[:k * whole].reshape(-1, k, PACK_COLUMNS).transpose(1, 0, 2).reshape(k, whole)
-  return jnp.concatenate([blocks, flat[k * whole:].reshape(k, m - whole)], axis=1)
+  blocks = [_block_from(flat[c * k:(c + min(PACK_COLUMNS, m - c)) * k], k,
+                        min(PACK_COLUMNS, m - c), p_KxM.dtype) for c in range(0, m, PACK_COLUMNS)]
+  return jnp.concatenate(blocks, axis=1)
 
 
 def matmul(x_NxK, w, transpose_w: bool = False, threads: int = 1,

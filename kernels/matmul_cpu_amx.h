@@ -12,7 +12,8 @@
 //
 //   'km' (W [K, M]): A = 16 rows of x as pairs (x[r, 2p], x[r, 2p + 1]); B = 16 columns of W,
 //        its rows 2p and 2p + 1 interleaved ("VNNI" layout, built for a whole chunk in a
-//        scratch buffer while W streams past, the next rows prefetched); C = y[r, columns].
+//        scratch buffer while W streams past, the next rows prefetched, or for a packed W
+//        loaded in place); C = y[r, columns].
 //   'mk' (W [M, K], a tied unembedding): C^T = W x^T. A = 16 rows of W as they lie in
 //        memory, B = 16 rows of x as pairs, transposed; C[v][r] = y[r, v].
 //
@@ -156,6 +157,49 @@ void ChunkKMAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w, in
       }
       StoreC(y + r0 * ldy, ldy, m0 + 16 * j, std::min<int64_t>(32, m1 - m0 - 16 * j), rows, tmp);
     }
+  }
+}
+
+// 'km' packed block (matmul_cpu_packed.h: `width` <= 32 columns, rows in pairs) by all n
+// rows of x: y[:, :width] = x @ block. A 32-column block's whole k blocks are B tiles as
+// they lie (tile rows 128 bytes apart, one sequential read, 8 KB ahead prefetched); a k
+// tail or a narrower block's tiles come from a zero-padded copy. These are the tiles
+// `InterleaveChunk` builds, taken in the same order: the same sums. `configured`: the
+// rows the tile configuration holds (0: none yet).
+void PackedBlockAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w, int64_t n,
+                    int64_t k, int64_t width, int& configured) {
+  const int64_t kp = (k + 1) / 2, blocks = (kp + KB - 1) / KB;
+  const int64_t direct = width == 32 ? k / 32 : 0;
+  const auto* pairs = reinterpret_cast<const uint32_t*>(w);  // pair p, column j: p width + j
+  thread_local std::vector<uint32_t> pad;
+  if (direct < blocks) {
+    pad.assign((blocks - direct) * KB * 32, 0u);
+    for (int64_t p = direct * KB; p < kp; ++p) {
+      uint32_t* row = pad.data() + (p - direct * KB) * 32;
+      for (int64_t j = 0; j < width; ++j)
+        row[j] = 2 * p + 1 < k ? pairs[p * width + j] : w[(k - 1) * width + j];
+    }
+  }
+  float tmp[512];
+  for (int64_t r0 = 0; r0 < n; r0 += 16) {
+    const int rows = static_cast<int>(std::min<int64_t>(16, n - r0));
+    if (rows != configured) Configure(configured = rows);
+    const uint32_t* a = xa + (r0 / 16) * blocks * 256;
+    _tile_zero(4);
+    _tile_zero(5);
+    for (int64_t p = 0; p < blocks; ++p) {
+      const uint32_t* b = p < direct ? pairs + p * KB * 32 : pad.data() + (p - direct) * KB * 32;
+      if (r0 == 0 && p < direct) {
+        const char* ahead = reinterpret_cast<const char*>(b) + 8192;
+        for (int l = 0; l < 2048; l += 64) __builtin_prefetch(ahead + l, 0, 2);
+      }
+      _tile_loadd(0, a + p * 256, 64);
+      _tile_loadd(2, b, 128);
+      _tile_loadd(3, b + 16, 128);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_dpbf16ps(5, 0, 3);
+    }
+    StoreC(y + r0 * ldy, ldy, 0, width, rows, tmp);
   }
 }
 

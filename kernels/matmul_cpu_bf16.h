@@ -92,26 +92,22 @@ int64_t PairsPass(float* out, int64_t ldo, int64_t ldw, const uint32_t* xp, int6
   return i;
 }
 
-// A packed block (matmul_cpu.py `pack_km`: W's columns [c, c + V 16) stored as a contiguous
-// [K, 16 V] matrix), by R <= 8 rows of x: out[r, :16 V] = x[r, :k2] @ W[:k2, block], the
-// R x V sums in registers down all k2 (even) rows, which are one sequential read. The
-// pairs run in k order, as in `PairsPass`: the same sums.
+// A packed bfloat16 block (matmul_cpu_packed.h: 16 V columns, rows in pairs) by R <= 8 rows
+// of x: out[r, :16 V] = x[r, :k2] @ W[:k2, block], the R x V sums in registers down all k2
+// (even) rows, one sequential read whose 64-byte loads are whole pairs (4 KB ahead
+// prefetched). The pairs run in k order, as in `PairsPass`: the same sums.
 template <int R, int V>
 void PackedPairColumns(float* out, int64_t ldo, const uint32_t* xp, int64_t kp,
                        const uint16_t* w, int64_t k2) {
-  const PairPermutes perm;
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t q = 0; q < k2; q += 2) {
     const uint16_t* wq = w + q * 16 * V;
     __m512i wv[V];
-    if constexpr (V == 2) {
-      const __m512i a = _mm512_loadu_si512(wq), b = _mm512_loadu_si512(wq + 32);
-      wv[0] = _mm512_permutex2var_epi16(a, perm.lo, b);
-      wv[1] = _mm512_permutex2var_epi16(a, perm.hi, b);
-    } else {
-      wv[0] = PairOf16(wq, 16, perm);
+    for (int v = 0; v < V; ++v) {
+      __builtin_prefetch(wq + 32 * v + 2048, 0, 2);
+      wv[v] = _mm512_loadu_si512(wq + 32 * v);
     }
     for (int r = 0; r < R; ++r) {
       const BH xb = AsBH(_mm512_set1_epi32(static_cast<int>(xp[r * kp + q / 2])));
@@ -122,13 +118,28 @@ void PackedPairColumns(float* out, int64_t ldo, const uint32_t* xp, int64_t kp,
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + r * ldo + 16 * v, acc[r][v]);
 }
 
+// y[:, :width] for a packed bfloat16 block of 16 or 32 columns and n <= 8 rows of x:
+// `PackedPairColumns`, then an odd last row of W by float32 FMAs, as `ChunkKMPairsRows` does.
+void PackedPairsBlock(float* y, int64_t ldy, const float* x, const uint32_t* xp,
+                      const uint16_t* w, int64_t n, int64_t k, int64_t width) {
+  const int64_t kp = (k + 1) / 2, c = k / 2 * 2;
+  WithRows(n, [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    if (width == 32) PackedPairColumns<R, 2>(y, ldy, xp, kp, w, c);
+    else PackedPairColumns<R, 1>(y, ldy, xp, kp, w, c);
+  });
+  if (c == k) return;
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t j = 0; j < width; ++j)
+      y[r * ldy + j] = std::fma(x[r * k + c], Scalar(w[c * width + j]), y[r * ldy + j]);
+}
+
 // 'km' chunk with bfloat16 x: y[:, m0:m1] = x @ W[:, m0:m1], rows of y `ldy` apart and of
-// W `ldw`. Pairs of W rows (4 a pass, then 1), or for a packed block (`packed`: W is one
-// contiguous [K, m1 - m0] block, 16 or 32 wide) and a decode step's rows `PackedPairColumns`;
-// the columns past the last 16 and an odd last row of W by `RowsPass`'s float32 FMAs.
+// W `ldw`. Pairs of W rows (4 a pass, then 1); the columns past the last 16 and an odd last
+// row of W by `RowsPass`'s float32 FMAs.
 void ChunkKMPairsRows(float* y, int64_t ldy, const float* x, const uint32_t* xp,
                       const uint16_t* w, int64_t ldw, int64_t n, int64_t k, int64_t m0,
-                      int64_t m1, bool packed) {
+                      int64_t m1) {
   // The block accumulates in a dense tile: rows of y are m floats apart, and with m a
   // multiple of 1024 (3072: FFN-in) they all fall in one L1 set and evict each other.
   // A decode step's few rows fit one set's ways: they accumulate in y itself (the
@@ -140,23 +151,14 @@ void ChunkKMPairsRows(float* y, int64_t ldy, const float* x, const uint32_t* xp,
   float* acc = direct ? y + m0 : tile.data();
   const int64_t ldo = direct ? ldy : len;
   int64_t c = 0, done = len;
-  if (direct && packed && (len == 16 || len == 32)) {
-    c = k / 2 * 2;
-    WithRows(n, [&](auto rows) {
-      constexpr int R = decltype(rows)::value;
-      if (len == 32) PackedPairColumns<R, 2>(acc, ldo, xp, kp, w, c);
-      else PackedPairColumns<R, 1>(acc, ldo, xp, kp, w, c);
-    });
-  } else {
-    if (direct) {
-      for (int64_t r = 0; r < n; ++r) std::fill(acc + r * ldo, acc + r * ldo + len, 0.0f);
-    }
-    for (; c + 8 <= k; c += 8)
-      done = PairsPass<4>(acc, ldo, ldw, xp + c / 2, kp, n, w + c * ldw + m0, len,
-                          std::min<int64_t>(8, k - c - 8));
-    for (; c + 2 <= k; c += 2)
-      done = PairsPass<1>(acc, ldo, ldw, xp + c / 2, kp, n, w + c * ldw + m0, len, 0);
+  if (direct) {
+    for (int64_t r = 0; r < n; ++r) std::fill(acc + r * ldo, acc + r * ldo + len, 0.0f);
   }
+  for (; c + 8 <= k; c += 8)
+    done = PairsPass<4>(acc, ldo, ldw, xp + c / 2, kp, n, w + c * ldw + m0, len,
+                        std::min<int64_t>(8, k - c - 8));
+  for (; c + 2 <= k; c += 2)
+    done = PairsPass<1>(acc, ldo, ldw, xp + c / 2, kp, n, w + c * ldw + m0, len, 0);
   for (int64_t r = 0; r < n; ++r) {
     float* t = acc + r * ldo;
     for (int64_t j = done; j < len; ++j) {  // the last columns: each pair's two FMAs, in k order
@@ -176,11 +178,11 @@ void ChunkKMPairsRows(float* y, int64_t ldy, const float* x, const uint32_t* xp,
 }
 
 void ChunkKMPairs(float* y, int64_t ldy, const float* x, const uint32_t* xp, const uint16_t* w,
-                  int64_t ldw, int64_t n, int64_t k, int64_t m0, int64_t m1, bool packed) {
+                  int64_t ldw, int64_t n, int64_t k, int64_t m0, int64_t m1) {
   const int64_t kp = (k + 1) / 2;
   for (int64_t r = 0; r < n; r += PAIR_ROWS) {
     ChunkKMPairsRows(y + r * ldy, ldy, x + r * k, xp + r * kp, w, ldw, std::min(PAIR_ROWS, n - r),
-                     k, m0, m1, packed);
+                     k, m0, m1);
   }
 }
 

@@ -36,8 +36,13 @@ def test_layout_is_the_reference_and_unpacks(m, dtype):
   packed = matmul_cpu.pack_km(w, threads=3)
   np.testing.assert_array_equal(packed, matmul_cpu.pack_km_reference(w))
   np.testing.assert_array_equal(matmul_cpu.unpack_km(packed), w)
-  if m >= 32:  # block 0 is W's first 32 columns, row after row
-    np.testing.assert_array_equal(packed.reshape(-1)[:37 * 32].reshape(37, 32), w[:, :32])
+  if m >= 32:  # block 0 is W's first 32 columns, row after row (bfloat16: in row pairs)
+    block = np.asarray(packed).reshape(-1)[:37 * 32]
+    if dtype == jnp.bfloat16:
+      np.testing.assert_array_equal(block[:36 * 32].reshape(18, 32, 2).transpose(0, 2, 1),
+                                    np.asarray(w[:36, :32]).reshape(18, 2, 32))
+      block = block[36 * 32:]
+    np.testing.assert_array_equal(block.reshape(-1, 32), w[37 - block.size // 32:, :32])
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 9, 40])
@@ -55,10 +60,11 @@ def test_packed_product_is_the_unpacked_one(n, k, m, dtype, x_dtype):
   np.testing.assert_allclose(want, matmul_cpu.matmul_reference(x, w), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("n", [2, 8, 17])
+@pytest.mark.parametrize("n", [1, 2, 8, 17])
+@pytest.mark.parametrize("k", [64, 71, 96])  # whole AMX k blocks, an odd tail, a half block
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "vdpbf16ps"])
-def test_packed_bfloat16_pairs_on_either_unit(n, amx):
-  x, w = problem(n, 71, 80, jnp.bfloat16, jnp.bfloat16, seed=1)
+def test_packed_bfloat16_pairs_on_either_unit(n, k, amx):
+  x, w = problem(n, k, 80, jnp.bfloat16, jnp.bfloat16, seed=1)
   p = matmul_cpu.pack_km(w)
   np.testing.assert_array_equal(_matmul(x, p, threads=2, chunk_bytes=1, amx=amx, packed=True),
                                 _matmul(x, w, threads=1, amx=amx))
