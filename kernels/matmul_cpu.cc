@@ -78,6 +78,10 @@ struct Shared {
   float* y;                  // the float32 sums
   uint16_t* y16 = nullptr;   // a bfloat16 y, rounded from them chunk by chunk, or null
   std::atomic<int64_t> next{0}, done{0};
+  // What the pointers above may point into, owned here for the pool tasks (which may
+  // start after the call returned): x widened, x's pairs and AMX tiles, y's float32 sums.
+  std::vector<float> x_wide, y_wide;
+  std::vector<uint32_t> pairs, tiles;
 };
 
 // y[:, m0:m1] = x @ W[:, m0:m1] for a 'km' W whose rows are `ldw` apart (`block`: W is one
@@ -206,13 +210,11 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     return ffi::Error::InvalidArgument("matmul: x, the weight and y must be float32 or bfloat16");
   }
   auto s = std::make_shared<Shared>();
-  // A bfloat16 x widened once (small next to W); kept alive for the pool tasks.
-  std::shared_ptr<std::vector<float>> x_wide;
-  if (x_bf16) {
+  if (x_bf16) {  // widened once (small next to W)
     const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
-    x_wide = std::make_shared<std::vector<float>>(xd[0] * xd[1]);
-    for (int64_t i = 0; i < xd[0] * xd[1]; ++i) (*x_wide)[i] = Scalar(xb[i]);
-    s->x = x_wide->data();
+    s->x_wide.resize(xd[0] * xd[1]);
+    for (int64_t i = 0; i < xd[0] * xd[1]; ++i) s->x_wide[i] = Scalar(xb[i]);
+    s->x = s->x_wide.data();
   } else {
     s->x = static_cast<const float*>(x.untyped_data());
   }
@@ -229,36 +231,30 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if ((transpose_w ? wd[1] : wd[0]) != s->k) {
     return ffi::Error::InvalidArgument("matmul: the weight's contraction size is not K");
   }
-  // A bfloat16 y: the float32 sums go to a buffer of their own, kept alive for the pool tasks.
-  std::shared_ptr<std::vector<float>> y_wide;
-  if (y_bf16) {
-    y_wide = std::make_shared<std::vector<float>>(s->n * s->m);
-    s->y = y_wide->data();
+  if (y_bf16) {  // the float32 sums in a buffer of their own
+    s->y_wide.resize(s->n * s->m);
+    s->y = s->y_wide.data();
     s->y16 = static_cast<uint16_t*>(y->untyped_data());
   } else {
     s->y = static_cast<float*>(y->untyped_data());
   }
-  std::shared_ptr<std::vector<uint32_t>> pairs;
 #ifdef MOELAB_BF16_DOT
   if (x_bf16 && bf16 && s->k >= 2) {  // x[k] in the low half, x[k + 1] in the high
     const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
     const int64_t kp = (s->k + 1) / 2;
-    pairs = std::make_shared<std::vector<uint32_t>>(s->n * kp, 0u);
+    s->pairs.assign(s->n * kp, 0u);
     for (int64_t r = 0; r < s->n; ++r) {
       for (int64_t t = 0; t < s->k; ++t) {
-        (*pairs)[r * kp + t / 2] |= static_cast<uint32_t>(xb[r * s->k + t]) << (16 * (t % 2));
+        s->pairs[r * kp + t / 2] |= static_cast<uint32_t>(xb[r * s->k + t]) << (16 * (t % 2));
       }
     }
-    s->xp = pairs->data();
+    s->xp = s->pairs.data();
   }
 #endif
-  std::shared_ptr<std::vector<uint32_t>> tiles;
 #ifdef MOELAB_AMX
   if (s->xp != nullptr && amx && AmxReady()) {
-    const int64_t kp = (s->k + 1) / 2;
-    tiles = std::make_shared<std::vector<uint32_t>>(
-        PairTiles(s->xp, s->n, kp, transpose_w));
-    s->xa = tiles->data();
+    s->tiles = PairTiles(s->xp, s->n, (s->k + 1) / 2, transpose_w);
+    s->xa = s->tiles.data();
   }
 #else
   (void)amx;
@@ -281,9 +277,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   }
   s->chunk_len = std::max<int64_t>(1, per) * unit;
   s->chunks = (s->m + s->chunk_len - 1) / s->chunk_len;
-  for (int64_t t = 1; t < std::min(threads, s->chunks); ++t) {
-    pool.Schedule([s, pairs, tiles, x_wide, y_wide] { Work(*s); });
-  }
+  for (int64_t t = 1; t < std::min(threads, s->chunks); ++t) pool.Schedule([s] { Work(*s); });
   Work(*s);
   while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
   return ffi::Error::Success();
