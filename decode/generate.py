@@ -20,7 +20,10 @@ specialised to a `DecodePlan` (the static part of the request, with the
 cache kind and the backend choices of decode/backend.py). `decode_fn(cfg,
 plan)` returns it, cached, so callers can time compilation separately
 (`decode_fn(...).lower(*args).compile()`, experiments/bench_decode.py).
-The loops see the model only through `make_step_fn`.
+The loops see the model only through `make_step_fn`. Where the backend's
+loop lays the matrix kernel's weights out (decode/backend.py `loop_impl`),
+`generate` passes them laid out once per set of weights (`packed_weights`,
+kept for the last few `params` it saw) instead of in every call's program.
 
 Output rows are ordered prompt-major: row r continues prompt
 `prompt_index[r]`.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from typing import Sequence
 
 import jax
@@ -46,6 +50,7 @@ from decode.sampling import sample_loop
 from model.cache import CACHE_KINDS
 from model.config import ModelConfig
 from model.impl import ModelImpl
+from model.linear import PACKED
 from model.transformer import Decoder
 
 PROMPT_BUCKET = 8  # prompt widths are padded to a multiple of this (fewer recompiles)
@@ -93,12 +98,50 @@ class DecodePlan:
   backend: backend_lib.Backend | None = None
 
 
-def make_step_fn(cfg: ModelConfig, params, impl: ModelImpl = ModelImpl()):
+def make_step_fn(cfg: ModelConfig, params, impl: ModelImpl = ModelImpl(), packed=None):
   """step_fn(tokens_BxL, positions_BxL, cache, fresh=False, logits_at_B=None)
-  -> (logits_BxLxV, cache); see `Decoder.decode` and decode/prefill.py."""
+  -> (logits_BxLxV, cache); see `Decoder.decode` and decode/prefill.py.
+
+  packed: `packed_weights(cfg, params, impl)`, or None (with impl.matmul_packed the
+  weights are then laid out inside the program).
+  """
   model = Decoder(cfg, impl)
+  variables = {"params": params} if packed is None else {"params": params, PACKED: packed}
   return lambda t, p, c, fresh=False, logits_at_B=None: model.apply(
-      {"params": params}, t, p, c, fresh, logits_at_B, method=Decoder.decode)
+      variables, t, p, c, fresh, logits_at_B, method=Decoder.decode)
+
+
+@functools.lru_cache(maxsize=16)
+def _pack_fn(cfg: ModelConfig, impl: ModelImpl):
+  def pack(params):  # a 1-token forward visits every projection, which stores its layout
+    _, state = Decoder(cfg, impl).apply({"params": params}, jnp.zeros((1, 1), jnp.int32),
+                                        mutable=[PACKED])
+    return state[PACKED]
+  return jax.jit(pack)
+
+
+_PACKED_CACHE: list = []  # [(weakref to params' first leaf, cfg, impl, packed)], newest last
+PACKED_CACHE_SIZE = 2     # sets of weights kept laid out (each as large as its weights)
+
+
+def packed_weights(cfg: ModelConfig, params, impl: ModelImpl):
+  """The "packed" collection of `params` for `impl` (model/linear.py `packed_km`: every
+  [K, M] weight laid out for the matrix kernel), or None without impl.matmul_packed.
+
+  Kept for the last PACKED_CACHE_SIZE sets of weights (by the identity of their first
+  leaf), so that repeated calls with the same params lay them out once (~0.1-0.2 s
+  for SmolLM2-135M on CPU, docs/performance.md) at the cost of a second copy of them.
+  """
+  if not impl.matmul_packed:
+    return None
+  leaf = jax.tree_util.tree_leaves(params)[0]
+  for ref, c, i, packed in _PACKED_CACHE:
+    if ref() is leaf and c == cfg and i == impl:
+      return packed
+  packed = _pack_fn(cfg, impl)(params)
+  _PACKED_CACHE.append((weakref.ref(leaf), cfg, impl, packed))
+  del _PACKED_CACHE[:-PACKED_CACHE_SIZE]
+  return packed
 
 
 def active_processors(gen: GenerationConfig) -> tuple[str, ...]:
@@ -127,7 +170,8 @@ def plan_for(cfg: ModelConfig, gen: GenerationConfig, prompt_width: int,
 
 @functools.lru_cache(maxsize=64)
 def decode_fn(cfg: ModelConfig, plan: DecodePlan):
-  """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng_B, beam) -> dict.
+  """Jitted fn(params, prompt_BxP, prompt_len_B, sampling_params, rng_B, beam, packed=None)
+  -> dict.
 
   `beam` = (length_penalty float32 [], early_stopping_code int32 []): run-time
   values, so one compilation serves every length penalty. The dict holds
@@ -139,14 +183,16 @@ def decode_fn(cfg: ModelConfig, plan: DecodePlan):
   many local devices (decode/data_parallel.py): each runs prefill and its own
   while_loop over its block; the keys travel with their rows, so results do
   not depend on the device count. Pass params placed by
-  `data_parallel.replicate(params, num_devices)`.
+  `data_parallel.replicate(params, num_devices)`; `packed`, where the
+  backend's loop lays weights out, `packed_weights(cfg, params,
+  plan.backend.loop_impl())` placed likewise (None: laid out in the program).
   """
   backend = plan.backend
   strategy = plan.strategy
 
-  def rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam):
+  def rows(params, prompt_BxP, prompt_len_B, sp, rng_B, beam, packed=None):
     b = prompt_BxP.shape[0]
-    step_fn = make_step_fn(cfg, params, backend.loop_impl())
+    step_fn = make_step_fn(cfg, params, backend.loop_impl(), packed)
     windows = plan.cache.windows(prompt_BxP.shape[1], plan.cache_len)
     cache = plan.cache.init(cfg, b, windows[0], backend.cache_dtype)
     kw = dict(max_new_tokens=plan.max_new_tokens, stop_ids=plan.stop_ids, pad_id=plan.pad_id,
@@ -168,7 +214,7 @@ def decode_fn(cfg: ModelConfig, plan: DecodePlan):
     return {"tokens": s.tokens_BxO, "lengths": s.num_generated_B, "logprobs": s.logprob_B,
             "scores": s.logprob_B}
 
-  rows = data_parallel.split_rows(rows, backend.num_devices, replicated_args=(0, 5))
+  rows = data_parallel.split_rows(rows, backend.num_devices, replicated_args=(0, 5, 6))
   return jax.jit(rows, compiler_options=dict(backend.compiler_options) or None)
 
 
@@ -224,8 +270,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]],
   plan = plan_for(cfg, gen, prompt_BxP.shape[1], b)
   fn = decode_fn(cfg, plan)
   beam = (np.float32(gen.length_penalty), np.int32(early_stopping_code(gen.early_stopping)))
-  params = data_parallel.replicate(params, plan.backend.num_devices)
-  out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, row_keys(gen, b), beam))
+  packed = packed_weights(cfg, params, plan.backend.loop_impl())
+  params, packed = data_parallel.replicate((params, packed), plan.backend.num_devices)
+  out = jax.device_get(fn(params, prompt_BxP, lens_B, sp, row_keys(gen, b), beam, packed))
   keep = gen.num_return_sequences
   sel = (np.arange(b)[:, None] * rows + np.arange(keep)[None]).reshape(-1)
   return GenerateOutput(tokens=np.asarray(out["tokens"])[sel],

@@ -26,8 +26,10 @@ uses the defaults, the plain XLA forms that run well on every backend.
     matmul_threads  threads of that kernel (cores per device)
     matmul_packed  'cpu_kernel' only: each [K, M] weight goes to the kernel laid out in
                blocks of 32 columns (`matmul_cpu.pack_km`), which it reads as one
-               sequential stream; the layout is an XLA op on the weight, which XLA hoists
-               out of a decode while loop (decode/generate.py sets it for that loop only)
+               sequential stream; laid out once per set of weights where the caller
+               passes the "packed" collection (model/linear.py `packed_km`), else by an
+               XLA op on the weight, which XLA hoists out of a decode while loop
+               (decode/generate.py sets it for that loop only)
     remat      'none'  training keeps every activation the backward pass needs
                'block' each block under `jax.checkpoint` with `nothing_saveable`: only
                        the block's inputs are kept; its forward is recomputed in the

@@ -13,6 +13,12 @@ laid out in 32-column blocks first, `matmul_cpu.pack_km`); so does a
 bfloat16 product of any size (a prompt's prefill: XLA:CPU widens every bf16
 weight in a pass of its own before its dot, docs/performance.md). Other
 products (float32 prefill, training) and impl.matmul 'xla' are XLA dots.
+
+A module gives `project` each [K, M] weight's packed layout too
+(`packed_km`): from its "packed" variable collection when the caller passed
+one (laid out once per set of weights, decode/generate.py `packed_weights`),
+else laid out in the graph, which XLA hoists out of a decode loop but redoes
+on every call of the program.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from kernels import matmul_cpu
 from model.impl import ModelImpl
 
 DECODE_ROWS = 16  # products with at most this many rows (B * L) take the kernel
+PACKED = "packed"  # the variable collection of weights laid out by matmul_cpu.pack_km
 
 
 def einsum_f32(spec: str, x, y):
@@ -58,26 +65,48 @@ def _einsum_f32_bwd(spec, res, g):
 _einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
-def project(x_BxLxK, w, impl: ModelImpl, dtype, transpose_w: bool = False, out_dtype=None):
+def kernel_weight(w, dtype):
+  """W as the kernel takes it for products in `dtype`: cast, except that a stored bfloat16 W
+  stays bfloat16 for float32 products (the kernel widens it in registers, exactly: no pass
+  over all of W to cast it)."""
+  dt = jnp.dtype(dtype)
+  if w.dtype != dt and not (w.dtype == jnp.bfloat16 and dt == jnp.float32):
+    return w.astype(dt)
+  return w
+
+
+def packed_km(module, name: str, w_KxM, impl: ModelImpl, dtype):
+  """`module`'s [K, M] weight `name` laid out for the kernel (`matmul_cpu.pack_km` of
+  `kernel_weight`), or None without impl.matmul_packed: the module's "packed" variable
+  where the caller passed that collection, else laid out here (and stored, where the
+  collection is mutable: how decode/generate.py `packed_weights` builds it)."""
+  if not impl.matmul_packed:
+    return None
+  if module.has_variable(PACKED, name):
+    return module.get_variable(PACKED, name)
+  p = matmul_cpu.pack_km(kernel_weight(w_KxM, dtype), impl.matmul_threads)
+  if module.is_mutable_collection(PACKED):
+    module.put_variable(PACKED, name, p)
+  return p
+
+
+def project(x_BxLxK, w, impl: ModelImpl, dtype, transpose_w: bool = False, out_dtype=None,
+            packed_w=None):
   """x @ W (W [K, M]) or x @ W^T (W [M, K], `transpose_w`); see the module docstring.
 
   out_dtype: the result's dtype if not `dtype` (the unembedding of a bf16 model
   returns its float32 accumulator, so the logits are not rounded to bf16).
+  packed_w: W laid out for the kernel (`packed_km`): the kernel's products read it
+  instead of W; None: they read W.
   """
   dt = jnp.dtype(dtype)
   out = jnp.dtype(out_dtype or dt)
   x = x_BxLxK.astype(dt)
   b, l, k = x.shape
   if impl.matmul == "cpu_kernel" and (b * l <= DECODE_ROWS or dt == jnp.bfloat16):
-    # The kernel widens a stored bfloat16 W in registers, exactly: no pass over all of
-    # W to cast it to a float32 `dtype`.
-    if w.dtype != dt and not (w.dtype == jnp.bfloat16 and dt == jnp.float32):
-      w = w.astype(dt)
-    packed = impl.matmul_packed and not transpose_w
-    if packed:  # loop-invariant: XLA lays W out once, before a decode loop
-      w = matmul_cpu.pack_km(w, impl.matmul_threads)
-    y = matmul_cpu.matmul(x.reshape(b * l, k), w, transpose_w, impl.matmul_threads,
-                          out_dtype=out, packed=packed)
+    packed = packed_w is not None and not transpose_w
+    y = matmul_cpu.matmul(x.reshape(b * l, k), packed_w if packed else kernel_weight(w, dt),
+                          transpose_w, impl.matmul_threads, out_dtype=out, packed=packed)
     return y.reshape(b, l, -1)
   w = w.astype(dt)
   spec = "blk,mk->blm" if transpose_w else "blk,km->blm"

@@ -40,7 +40,7 @@ from model.cache import attend_update, attend_update_latent
 from model.config import ModelConfig
 from model.ffn import fan_in_init
 from model.impl import ModelImpl
-from model.linear import project
+from model.linear import packed_km, project
 from model.norm import RMSNorm
 from model.rope import apply_rope
 
@@ -123,16 +123,18 @@ class MLA(nn.Module):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     heads = lambda w: rearrange(w, "i h e -> i (h e)")
+    proj = lambda x, name, w: project(x, w, self.impl, dt,
+                                      packed_w=packed_km(self, name, w, self.impl, dt))
     b, l = x_BxLxD.shape[:2]
     if cfg.q_lora_rank:
-      c_q_BxLxQ = self.q_norm(project(x_BxLxD, self.w_dq, self.impl, dt))
-      q_BxLxHxE = project(c_q_BxLxQ, heads(self.w_uq), self.impl, dt)
+      c_q_BxLxQ = self.q_norm(proj(x_BxLxD, "w_dq", self.w_dq))
+      q_BxLxHxE = proj(c_q_BxLxQ, "w_uq", heads(self.w_uq))
     else:
-      q_BxLxHxE = project(x_BxLxD, heads(self.w_q), self.impl, dt)
+      q_BxLxHxE = proj(x_BxLxD, "w_q", heads(self.w_q))
     q_BxLxHxE = q_BxLxHxE.reshape(b, l, cfg.num_heads, -1)
     nope, c = cfg.mla_nope_dim, cfg.kv_lora_rank
     rope = lambda y: apply_rope(y, positions_BxL, cfg.rope_theta, cfg.rope_interleave)
-    kv_BxLxW = project(x_BxLxD, self.w_dkv, self.impl, dt)
+    kv_BxLxW = proj(x_BxLxD, "w_dkv", self.w_dkv)
     c_kv_BxLxC = self.kv_norm(kv_BxLxW[..., :c])
     k_rope_BxLxR = rope(kv_BxLxW[:, :, None, c:])[:, :, 0]
     return q_BxLxHxE[..., :nope], rope(q_BxLxHxE[..., nope:]), c_kv_BxLxC, k_rope_BxLxR
@@ -146,8 +148,10 @@ class MLA(nn.Module):
     return jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1), v
 
   def out(self, o_BxLxHxV):
-    return project(rearrange(o_BxLxHxV, "b l h v -> b l (h v)"),
-                   rearrange(self.w_o, "h v d -> (h v) d"), self.impl, self.cfg.dtype)
+    dt = jnp.dtype(self.cfg.dtype)
+    w_KxD = rearrange(self.w_o, "h v d -> (h v) d")
+    return project(rearrange(o_BxLxHxV, "b l h v -> b l (h v)"), w_KxD, self.impl, dt,
+                   packed_w=packed_km(self, "w_o", w_KxD, self.impl, dt))
 
   def __call__(self, x_BxLxD, positions_BxL, cache: Optional[Any] = None, layer: int = 0,
                fresh: bool = False):

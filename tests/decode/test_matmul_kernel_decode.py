@@ -10,7 +10,7 @@ import pytest
 from decode import backend as backend_module
 from decode import processors as proc
 from decode.config import GenerationConfig
-from decode.generate import decode_fn, generate, plan_for
+from decode.generate import decode_fn, generate, packed_weights, plan_for
 from kernels import matmul_cpu
 from model.config import ModelConfig
 from model.params import cast_weights
@@ -95,3 +95,34 @@ def test_packed_weights_of_latent_attention_and_experts_decode_alike():
   assert kernel.backend.loop_impl().matmul_packed
   np.testing.assert_array_equal(kernel.tokens, xla.tokens)
   np.testing.assert_allclose(kernel.logprobs, xla.logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the C++ matrix kernel runs on the CPU backend only")
+def test_weights_are_laid_out_once_per_set_of_weights(params):
+  """`packed_weights` holds every [K, M] projection's pack_km layout (of its 2-D view), is
+  kept for the same params (not for others), and a program given it lays nothing out."""
+  gen = GenerationConfig(max_new_tokens=6, num_devices=1, matmul_impl="cpu_kernel",
+                         cache_growth=0)
+  plan = plan_for(CFG, gen, 8, len(PROMPTS))
+  impl = plan.backend.loop_impl()
+  packed = packed_weights(CFG, params, impl)
+  for i in range(CFG.num_layers):
+    block, want = params[f"block_{i}"], packed[f"block_{i}"]
+    views = {("attn", "w_qkv"): block["attn"]["w_qkv"].reshape(CFG.d_model, -1),
+             ("attn", "w_o"): block["attn"]["w_o"].reshape(-1, CFG.d_model),
+             ("ffn", "w_in"): block["ffn"]["w_in"], ("ffn", "w_out"): block["ffn"]["w_out"]}
+    assert {(m, n) for m in want for n in want[m]} == set(views)
+    for (m, n), w in views.items():
+      np.testing.assert_array_equal(want[m][n], matmul_cpu.pack_km_reference(w))
+  assert packed_weights(CFG, params, impl) is packed
+  assert packed_weights(CFG, jax.tree.map(lambda x: x + 0, params), impl) is not packed
+  assert packed_weights(CFG, params, plan.backend.impl) is None  # a step called from Python
+  args = (params, jnp.ones((3, 8), jnp.int32), jnp.full((3,), 8, jnp.int32),
+          proc.SamplingParams.create(3), jax.random.split(jax.random.key(0), 3),
+          (np.float32(1.0), np.int32(1)))
+  hlo = decode_fn(CFG, plan).lower(*args, packed).as_text()
+  assert f"@{matmul_cpu.TARGET}(" in hlo and f"@{matmul_cpu.PACK_TARGET}(" not in hlo
+  given = decode_fn(CFG, plan)(*args, packed)
+  in_graph = decode_fn(CFG, plan)(*args)
+  np.testing.assert_array_equal(given["tokens"], in_graph["tokens"])
+  np.testing.assert_array_equal(given["logprobs"], in_graph["logprobs"])
