@@ -65,6 +65,13 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// A spin-wait's pause (x86: PAUSE; elsewhere a no-op).
+inline void Pause() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
 // 'km': widest y[:, m0:m1] block (bytes) a chunk updates per pass (L1-resident).
 constexpr int64_t OUT_TILE_BYTES = 16 << 10;
 
@@ -78,6 +85,7 @@ struct Shared {
   float* y;                  // the float32 sums
   uint16_t* y16 = nullptr;   // a bfloat16 y, rounded from them chunk by chunk, or null
   std::atomic<int64_t> next{0}, done{0};
+  std::atomic<bool> ready{false};  // the operands below are prepared
   // What the pointers above may point into, owned here for the pool tasks (which may
   // start after the call returned): x widened, x's pairs and AMX tiles, y's float32 sums.
   std::vector<float> x_wide, y_wide;
@@ -209,53 +217,28 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
       (!y_bf16 && y->element_type() != ffi::DataType::F32)) {
     return ffi::Error::InvalidArgument("matmul: x, the weight and y must be float32 or bfloat16");
   }
-  auto s = std::make_shared<Shared>();
-  if (x_bf16) {  // widened once (small next to W)
-    const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
-    s->x_wide.resize(xd[0] * xd[1]);
-    for (int64_t i = 0; i < xd[0] * xd[1]; ++i) s->x_wide[i] = Scalar(xb[i]);
-    s->x = s->x_wide.data();
-  } else {
-    s->x = static_cast<const float*>(x.untyped_data());
+  if (packed && transpose_w) {
+    return ffi::Error::InvalidArgument("matmul: a packed weight is a [K, M] ('km') one");
   }
+  if ((transpose_w ? wd[1] : wd[0]) != xd[1]) {
+    return ffi::Error::InvalidArgument("matmul: the weight's contraction size is not K");
+  }
+  auto s = std::make_shared<Shared>();
   s->w = w.untyped_data();
   s->bf16 = bf16;
   s->mk = transpose_w;
   s->packed = packed;
-  if (packed && transpose_w) {
-    return ffi::Error::InvalidArgument("matmul: a packed weight is a [K, M] ('km') one");
-  }
   s->n = xd[0];
   s->k = xd[1];
   s->m = transpose_w ? wd[0] : wd[1];
-  if ((transpose_w ? wd[1] : wd[0]) != s->k) {
-    return ffi::Error::InvalidArgument("matmul: the weight's contraction size is not K");
-  }
-  if (y_bf16) {  // the float32 sums in a buffer of their own
-    s->y_wide.resize(s->n * s->m);
-    s->y = s->y_wide.data();
-    s->y16 = static_cast<uint16_t*>(y->untyped_data());
-  } else {
-    s->y = static_cast<float*>(y->untyped_data());
-  }
+  // The units: bfloat16 pairs (VDPBF16PS) where x and W are bfloat16, on the AMX tiles
+  // where asked and granted; else float32 FMAs.
+  bool pairs = false, tiles = false;
 #ifdef MOELAB_BF16_DOT
-  if (x_bf16 && bf16 && s->k >= 2) {  // x[k] in the low half, x[k + 1] in the high
-    const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
-    const int64_t kp = (s->k + 1) / 2;
-    s->pairs.assign(s->n * kp, 0u);
-    for (int64_t r = 0; r < s->n; ++r) {
-      for (int64_t t = 0; t < s->k; ++t) {
-        s->pairs[r * kp + t / 2] |= static_cast<uint32_t>(xb[r * s->k + t]) << (16 * (t % 2));
-      }
-    }
-    s->xp = s->pairs.data();
-  }
+  pairs = x_bf16 && bf16 && s->k >= 2;
 #endif
 #ifdef MOELAB_AMX
-  if (s->xp != nullptr && amx && AmxReady()) {
-    s->tiles = PairTiles(s->xp, s->n, (s->k + 1) / 2, transpose_w);
-    s->xa = s->tiles.data();
-  }
+  tiles = pairs && amx && AmxReady();
 #else
   (void)amx;
 #endif
@@ -270,14 +253,54 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   int64_t chunks = (bytes + chunk_bytes - 1) / std::max<int64_t>(1, chunk_bytes);
   if (chunks > 1) chunks = (chunks + threads - 1) / threads * threads;
   int64_t per = (units + std::max<int64_t>(1, chunks) - 1) / std::max<int64_t>(1, chunks);
-  if (!transpose_w && s->xa == nullptr) {  // (the AMX path keeps y in its tiles)
-    const int64_t rows = s->xp != nullptr ? std::min(s->n, PAIR_ROWS) : s->n;
+  if (!transpose_w && !tiles) {  // (the AMX path keeps y in its tiles)
+    const int64_t rows = pairs ? std::min(s->n, PAIR_ROWS) : s->n;
     const int64_t tile_units = OUT_TILE_BYTES / (4 * unit * std::max<int64_t>(1, rows));
     per = std::min(per, std::max<int64_t>(1, tile_units));
   }
   s->chunk_len = std::max<int64_t>(1, per) * unit;
   s->chunks = (s->m + s->chunk_len - 1) / s->chunk_len;
-  for (int64_t t = 1; t < std::min(threads, s->chunks); ++t) pool.Schedule([s] { Work(*s); });
+  // The pool tasks first: a parked pool thread takes 10-20 us to start, which the
+  // operands' preparation below overlaps (the tasks wait for it).
+  for (int64_t t = 1; t < std::min(threads, s->chunks); ++t) {
+    pool.Schedule([s] {
+      while (!s->ready.load(std::memory_order_acquire)) Pause();
+      Work(*s);
+    });
+  }
+  if (x_bf16) {  // widened once (small next to W)
+    const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
+    s->x_wide.resize(xd[0] * xd[1]);
+    for (int64_t i = 0; i < xd[0] * xd[1]; ++i) s->x_wide[i] = Scalar(xb[i]);
+    s->x = s->x_wide.data();
+  } else {
+    s->x = static_cast<const float*>(x.untyped_data());
+  }
+  if (y_bf16) {  // the float32 sums in a buffer of their own
+    s->y_wide.resize(s->n * s->m);
+    s->y = s->y_wide.data();
+    s->y16 = static_cast<uint16_t*>(y->untyped_data());
+  } else {
+    s->y = static_cast<float*>(y->untyped_data());
+  }
+  if (pairs) {  // x[k] in the low half, x[k + 1] in the high
+    const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
+    const int64_t kp = (s->k + 1) / 2;
+    s->pairs.assign(s->n * kp, 0u);
+    for (int64_t r = 0; r < s->n; ++r) {
+      for (int64_t t = 0; t < s->k; ++t) {
+        s->pairs[r * kp + t / 2] |= static_cast<uint32_t>(xb[r * s->k + t]) << (16 * (t % 2));
+      }
+    }
+    s->xp = s->pairs.data();
+  }
+#ifdef MOELAB_AMX
+  if (tiles) {
+    s->tiles = PairTiles(s->xp, s->n, (s->k + 1) / 2, transpose_w);
+    s->xa = s->tiles.data();
+  }
+#endif
+  s->ready.store(true, std::memory_order_release);
   Work(*s);
   while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
   return ffi::Error::Success();
