@@ -85,12 +85,23 @@ struct Shared {
   float* y;                  // the float32 sums
   uint16_t* y16 = nullptr;   // a bfloat16 y, rounded from them chunk by chunk, or null
   std::atomic<int64_t> next{0}, done{0};
-  std::atomic<bool> ready{false};  // the operands below are prepared
-  // What the pointers above may point into, owned here for the pool tasks (which may
-  // start after the call returned): x widened, x's pairs and AMX tiles, y's float32 sums.
+  std::atomic<bool> ready{false};  // the operands above are prepared
+};
+
+// What x, xp, xa and a bfloat16 y's float32 sums point into: the calling thread's, kept
+// between its calls (growing, up to KEEP_BYTES each), so that a call faults no fresh pages
+// in (a 512-row prefill's sums are megabytes). The call's pool tasks read it only while
+// the call waits for its chunks.
+struct Scratch {
   std::vector<float> x_wide, y_wide;
   std::vector<uint32_t> pairs, tiles;
 };
+constexpr size_t KEEP_BYTES = 64 << 20;
+
+template <typename T>
+void Trim(std::vector<T>& v) {
+  if (v.capacity() * sizeof(T) > KEEP_BYTES) std::vector<T>().swap(v);
+}
 
 // y[:, m0:m1] = x @ W[:, m0:m1] for a 'km' W whose rows are `ldw` apart (`block`: W is one
 // packed float32 block of m1 - m0 columns).
@@ -178,14 +189,10 @@ void RunChunk(Shared& s, int64_t c) {
   else ChunkMK(s.y, s.x, static_cast<const float*>(s.w), s.n, s.k, s.m, a, b);
 }
 
-// y16[:, columns of chunk c] = y's, rounded (`RoundBf16`).
+// y16[:, columns of chunk c] = y's, rounded (`RoundBf16s`).
 void RoundChunk(Shared& s, int64_t c) {
   const int64_t a = c * s.chunk_len, b = std::min(s.m, a + s.chunk_len);
-  for (int64_t r = 0; r < s.n; ++r) {
-    for (int64_t i = a; i < b; ++i) {
-      s.y16[r * s.m + i] = RoundBf16(s.y[r * s.m + i]);
-    }
-  }
+  for (int64_t r = 0; r < s.n; ++r) RoundBf16s(s.y + r * s.m + a, s.y16 + r * s.m + a, b - a);
 }
 
 void Work(Shared& s) {
@@ -268,17 +275,18 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
       Work(*s);
     });
   }
+  thread_local Scratch mine;
   if (x_bf16) {  // widened once (small next to W)
     const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
-    s->x_wide.resize(xd[0] * xd[1]);
-    for (int64_t i = 0; i < xd[0] * xd[1]; ++i) s->x_wide[i] = Scalar(xb[i]);
-    s->x = s->x_wide.data();
+    mine.x_wide.resize(xd[0] * xd[1]);
+    for (int64_t i = 0; i < xd[0] * xd[1]; ++i) mine.x_wide[i] = Scalar(xb[i]);
+    s->x = mine.x_wide.data();
   } else {
     s->x = static_cast<const float*>(x.untyped_data());
   }
   if (y_bf16) {  // the float32 sums in a buffer of their own
-    s->y_wide.resize(s->n * s->m);
-    s->y = s->y_wide.data();
+    mine.y_wide.resize(s->n * s->m);
+    s->y = mine.y_wide.data();
     s->y16 = static_cast<uint16_t*>(y->untyped_data());
   } else {
     s->y = static_cast<float*>(y->untyped_data());
@@ -286,23 +294,27 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (pairs) {  // x[k] in the low half, x[k + 1] in the high
     const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
     const int64_t kp = (s->k + 1) / 2;
-    s->pairs.assign(s->n * kp, 0u);
+    mine.pairs.assign(s->n * kp, 0u);
     for (int64_t r = 0; r < s->n; ++r) {
       for (int64_t t = 0; t < s->k; ++t) {
-        s->pairs[r * kp + t / 2] |= static_cast<uint32_t>(xb[r * s->k + t]) << (16 * (t % 2));
+        mine.pairs[r * kp + t / 2] |= static_cast<uint32_t>(xb[r * s->k + t]) << (16 * (t % 2));
       }
     }
-    s->xp = s->pairs.data();
+    s->xp = mine.pairs.data();
   }
 #ifdef MOELAB_AMX
   if (tiles) {
-    s->tiles = PairTiles(s->xp, s->n, (s->k + 1) / 2, transpose_w);
-    s->xa = s->tiles.data();
+    PairTiles(mine.tiles, s->xp, s->n, (s->k + 1) / 2, transpose_w);
+    s->xa = mine.tiles.data();
   }
 #endif
   s->ready.store(true, std::memory_order_release);
   Work(*s);
   while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
+  Trim(mine.x_wide);
+  Trim(mine.y_wide);
+  Trim(mine.pairs);
+  Trim(mine.tiles);
   return ffi::Error::Success();
 }
 

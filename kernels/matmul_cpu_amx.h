@@ -65,15 +65,15 @@ inline void Configure(int a_rows) {
 
 // x's bfloat16 pairs xp [n, kp] as 1 KB tiles [row block][k block][16 x 16], zero-padded
 // past n and kp: each tile [16 rows][16 p] ('km' A) or, `transposed`, [16 p][16 rows] ('mk' B).
-inline std::vector<uint32_t> PairTiles(const uint32_t* xp, int64_t n, int64_t kp, bool transposed) {
+inline void PairTiles(std::vector<uint32_t>& t, const uint32_t* xp, int64_t n, int64_t kp,
+                      bool transposed) {
   const int64_t blocks = (kp + KB - 1) / KB, row_blocks = (n + 15) / 16;
-  std::vector<uint32_t> t(row_blocks * blocks * 256, 0u);
+  t.assign(row_blocks * blocks * 256, 0u);
   for (int64_t r = 0; r < n; ++r)
     for (int64_t p = 0; p < kp; ++p) {
       const int64_t i = r % 16, q = p % KB;
       t[((r / 16) * blocks + p / KB) * 256 + (transposed ? q * 16 + i : i * KB + q)] = xp[r * kp + p];
     }
-  return t;
 }
 
 // 'km', columns [m0, m1) of W as B tiles: tile (j, b), 16 columns by the pairs p of k block
@@ -120,6 +120,19 @@ inline void StoreC(float* y, int64_t m, int64_t c0, int64_t cols, int rows, floa
   }
 }
 
+// Tile 6 / 7 -> y[i, j] for i < rows, j < cols (`StoreC` of the second row block).
+inline void StoreC2(float* y, int64_t m, int64_t cols, int rows, float* tmp) {
+  if (cols >= 16) _tile_stored(6, y, m * 4);
+  else _tile_stored(6, tmp, 64);
+  if (cols >= 32) _tile_stored(7, y + 16, m * 4);
+  else _tile_stored(7, tmp + 256, 64);
+  if (cols >= 32) return;
+  for (int i = 0; i < rows; ++i) {
+    if (cols < 16) std::memcpy(y + i * m, tmp + i * 16, cols * 4);
+    else std::memcpy(y + i * m + 16, tmp + 256 + i * 16, (cols - 16) * 4);
+  }
+}
+
 // 'km' chunk: y[:, m0:m1] = x @ W[:, m0:m1]; xa = PairTiles(x). W's columns are
 // interleaved once (`InterleaveChunk`, a scratch buffer the size of the chunk, in L2),
 // then every block of 16 rows of x takes them 32 columns (tiles 4, 5) at a time.
@@ -160,12 +173,26 @@ void ChunkKMAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w, in
   }
 }
 
+// Tiles 0, 1: A (rows r0 and r0 + 16 of x); 2, 3: B; 4, 5: C of A0; 6, 7: C of A1. Rows
+// `rows0` in A0 and its C, `rows1` in A1 and its C, 16 in B. Returns the configuration's code.
+inline int Configure2(int rows0, int rows1) {
+  TileConfig c;
+  const int rows[8] = {rows0, rows1, 16, 16, rows0, rows0, rows1, rows1};
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = rows[t];
+  }
+  _tile_loadconfig(&c);
+  return 1000 + 32 * rows0 + rows1;
+}
+
 // 'km' packed block (matmul_cpu_packed.h: `width` <= 32 columns, rows in pairs) by all n
 // rows of x: y[:, :width] = x @ block. A 32-column block's whole k blocks are B tiles as
 // they lie (tile rows 128 bytes apart, one sequential read, 8 KB ahead prefetched); a k
 // tail or a narrower block's tiles come from a zero-padded copy. These are the tiles
-// `InterleaveChunk` builds, taken in the same order: the same sums. `configured`: the
-// rows the tile configuration holds (0: none yet).
+// `InterleaveChunk` builds, taken in the same order: the same sums. Rows go 32 at a time
+// (two A tiles by the two B tiles: 4 products per 4 tile loads; a prefill), the last 16
+// or fewer alone. `configured`: the tile configuration's code (0: none yet).
 void PackedBlockAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w, int64_t n,
                     int64_t k, int64_t width, int& configured) {
   const int64_t kp = (k + 1) / 2, blocks = (kp + KB - 1) / KB;
@@ -180,27 +207,56 @@ void PackedBlockAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w
         row[j] = 2 * p + 1 < k ? pairs[p * width + j] : w[(k - 1) * width + j];
     }
   }
+  auto b_tiles = [&](int64_t p) {
+    return p < direct ? pairs + p * KB * 32 : pad.data() + (p - direct) * KB * 32;
+  };
+  auto prefetch = [&](int64_t p) {  // the stream 8 KB ahead, on the block's first pass
+    if (p >= direct) return;
+    const char* ahead = reinterpret_cast<const char*>(b_tiles(p)) + 8192;
+    for (int l = 0; l < 2048; l += 64) __builtin_prefetch(ahead + l, 0, 2);
+  };
   float tmp[512];
-  for (int64_t r0 = 0; r0 < n; r0 += 16) {
-    const int rows = static_cast<int>(std::min<int64_t>(16, n - r0));
-    if (rows != configured) Configure(configured = rows);
-    const uint32_t* a = xa + (r0 / 16) * blocks * 256;
+  int64_t r0 = 0;
+  for (; n - r0 > 16; r0 += 32) {
+    const int rows1 = static_cast<int>(std::min<int64_t>(16, n - r0 - 16));
+    if (configured != 1000 + 32 * 16 + rows1) configured = Configure2(16, rows1);
+    const uint32_t* a0 = xa + (r0 / 16) * blocks * 256;
+    const uint32_t* a1 = a0 + blocks * 256;
     _tile_zero(4);
     _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
     for (int64_t p = 0; p < blocks; ++p) {
-      const uint32_t* b = p < direct ? pairs + p * KB * 32 : pad.data() + (p - direct) * KB * 32;
-      if (r0 == 0 && p < direct) {
-        const char* ahead = reinterpret_cast<const char*>(b) + 8192;
-        for (int l = 0; l < 2048; l += 64) __builtin_prefetch(ahead + l, 0, 2);
-      }
-      _tile_loadd(0, a + p * 256, 64);
+      if (r0 == 0) prefetch(p);
+      const uint32_t* b = b_tiles(p);
+      _tile_loadd(0, a0 + p * 256, 64);
+      _tile_loadd(1, a1 + p * 256, 64);
       _tile_loadd(2, b, 128);
       _tile_loadd(3, b + 16, 128);
       _tile_dpbf16ps(4, 0, 2);
       _tile_dpbf16ps(5, 0, 3);
+      _tile_dpbf16ps(6, 1, 2);
+      _tile_dpbf16ps(7, 1, 3);
     }
-    StoreC(y + r0 * ldy, ldy, 0, width, rows, tmp);
+    StoreC(y + r0 * ldy, ldy, 0, width, 16, tmp);
+    StoreC2(y + (r0 + 16) * ldy, ldy, width, rows1, tmp);
   }
+  if (r0 >= n) return;  // (the last pair may hold fewer than 32 rows)
+  const int rows = static_cast<int>(n - r0);
+  if (configured != rows) Configure(configured = rows);
+  const uint32_t* a = xa + (r0 / 16) * blocks * 256;
+  _tile_zero(4);
+  _tile_zero(5);
+  for (int64_t p = 0; p < blocks; ++p) {
+    if (r0 == 0) prefetch(p);
+    const uint32_t* b = b_tiles(p);
+    _tile_loadd(0, a + p * 256, 64);
+    _tile_loadd(2, b, 128);
+    _tile_loadd(3, b + 16, 128);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_dpbf16ps(5, 0, 3);
+  }
+  StoreC(y + r0 * ldy, ldy, 0, width, rows, tmp);
 }
 
 // 'mk' chunk: y[:, m0:m1] = x @ W[m0:m1, :]^T; xb = PairTiles(x, transposed). 32 rows of W a

@@ -43,6 +43,22 @@ inline uint16_t RoundBf16(float f) {
   return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
+// RoundBf16 of n floats, 16 a vector (the same bits).
+inline void RoundBf16s(const float* f, uint16_t* out, int64_t n) {
+  typedef uint16_t H16 __attribute__((vector_size(32), aligned(2)));
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    U16x32 u;
+    std::memcpy(&u, f + i, sizeof(u));
+    const V16 v = Load(f + i);
+    const U16x32 nan = (v != v);  // all ones where NaN
+    const U16x32 r = ((u >> 16) | 0x40) & nan | ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & ~nan;
+    const H16 h = __builtin_convertvector(r, H16);
+    std::memcpy(out + i, &h, sizeof(h));
+  }
+  for (; i < n; ++i) out[i] = RoundBf16(f[i]);
+}
+
 // One level of a lane-sum tree over two vectors: in blocks of W lanes, a's and
 // b's blocks alternate, each the sum of the two halves of one of their 2W-lane
 // blocks (indices: block g = i / W takes a (g even) or b at 2W (g / 2) + i % W).
