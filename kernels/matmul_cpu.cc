@@ -76,9 +76,10 @@ inline void Pause() {
 constexpr int64_t OUT_TILE_BYTES = 16 << 10;
 
 struct Shared {
-  const float* x;
+  const float* x = nullptr;
   const uint32_t* xp = nullptr;  // x as bfloat16 pairs (the VDPBF16PS path) or null
-  const uint32_t* xa = nullptr;  // x's pairs laid out for the AMX tiles (that path) or null
+  const uint32_t* xa = nullptr;  // x's pairs laid out for the AMX tiles (that path; then
+                                 // x and xp are null) or null
   const void* w;
   bool bf16, mk, packed = false;  // packed: 'km' W in blocks of 32 columns (`RunChunk`)
   int64_t n, k, m, chunks, chunk_len;
@@ -126,17 +127,11 @@ void RunKM(Shared& s, const void* w, int64_t ldw, float* y, int64_t m0, int64_t 
   else fmas(static_cast<const float*>(w));
 }
 
-// y[:, :width] for a packed bfloat16 block w (rows in pairs, matmul_cpu_packed.h): the AMX
-// tiles, or a decode step's rows by 16 or 32 columns in registers (VDPBF16PS or float32
-// FMAs), or else the block restored to W's own layout for the unpacked paths.
-void RunPackedPairs(Shared& s, const uint16_t* w, float* y, int64_t width, int& configured) {
-#ifdef MOELAB_AMX
-  if (s.xa != nullptr) {
-    PackedBlockAmx(y, s.m, s.xa, w, s.n, s.k, width, configured);
-    return;
-  }
-#endif
-  (void)configured;
+// y[:, :width] for a packed bfloat16 block w (rows in pairs, matmul_cpu_packed.h): a
+// decode step's rows by 16 or 32 columns in registers (VDPBF16PS or float32 FMAs), or else
+// the block restored to W's own layout for the unpacked paths. (The AMX tiles take a whole
+// chunk, `RunChunk`.)
+void RunPackedPairs(Shared& s, const uint16_t* w, float* y, int64_t width) {
   if (s.n <= 8 && (width == 16 || width == 32)) {
 #ifdef MOELAB_BF16_DOT
     if (s.xp != nullptr) {
@@ -164,11 +159,18 @@ void RunChunk(Shared& s, int64_t c) {
       return;
     }
     const int64_t size = s.bf16 ? 2 : 4;
-    int configured = 0;  // AMX: configured once for the chunk's blocks
+#ifdef MOELAB_AMX
+    if (s.xa != nullptr) {
+      int configured = 0;
+      PackedChunkAmx(s.y + a, s.m, s.xa, static_cast<const uint16_t*>(s.w) + a * s.k, s.n, s.k,
+                     b - a, configured);
+      return;
+    }
+#endif
     for (int64_t b0 = a; b0 < b; b0 += PACK_COLUMNS) {
       const int64_t width = std::min(PACK_COLUMNS, s.m - b0);
       const void* block = static_cast<const char*>(s.w) + b0 * s.k * size;
-      if (s.bf16) RunPackedPairs(s, static_cast<const uint16_t*>(block), s.y + b0, width, configured);
+      if (s.bf16) RunPackedPairs(s, static_cast<const uint16_t*>(block), s.y + b0, width);
       else RunKM(s, block, width, s.y + b0, 0, width, true);
     }
     return;
@@ -276,8 +278,13 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     });
   }
   thread_local Scratch mine;
-  if (x_bf16) {  // widened once (small next to W)
-    const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
+  const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
+  if (tiles) {  // (the tiles read nothing else of x)
+#ifdef MOELAB_AMX
+    PairTiles(mine.tiles, xb, s->n, s->k, transpose_w);
+    s->xa = mine.tiles.data();
+#endif
+  } else if (x_bf16) {  // widened once (small next to W)
     mine.x_wide.resize(xd[0] * xd[1]);
     for (int64_t i = 0; i < xd[0] * xd[1]; ++i) mine.x_wide[i] = Scalar(xb[i]);
     s->x = mine.x_wide.data();
@@ -291,8 +298,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   } else {
     s->y = static_cast<float*>(y->untyped_data());
   }
-  if (pairs) {  // x[k] in the low half, x[k + 1] in the high
-    const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
+  if (pairs && !tiles) {  // x[k] in the low half, x[k + 1] in the high
     const int64_t kp = (s->k + 1) / 2;
     mine.pairs.assign(s->n * kp, 0u);
     for (int64_t r = 0; r < s->n; ++r) {
@@ -302,12 +308,6 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     }
     s->xp = mine.pairs.data();
   }
-#ifdef MOELAB_AMX
-  if (tiles) {
-    PairTiles(mine.tiles, s->xp, s->n, (s->k + 1) / 2, transpose_w);
-    s->xa = mine.tiles.data();
-  }
-#endif
   s->ready.store(true, std::memory_order_release);
   Work(*s);
   while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();

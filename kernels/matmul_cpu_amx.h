@@ -63,16 +63,19 @@ inline void Configure(int a_rows) {
   _tile_loadconfig(&c);
 }
 
-// x's bfloat16 pairs xp [n, kp] as 1 KB tiles [row block][k block][16 x 16], zero-padded
-// past n and kp: each tile [16 rows][16 p] ('km' A) or, `transposed`, [16 p][16 rows] ('mk' B).
-inline void PairTiles(std::vector<uint32_t>& t, const uint32_t* xp, int64_t n, int64_t kp,
+// x's bfloat16 pairs (x[r, 2p] low, x[r, 2p + 1] high; x is [n, k] bfloat16) as 1 KB tiles
+// [row block][k block][16 x 16], zero-padded past n and the pairs: each tile [16 rows][16 p]
+// ('km' A) or, `transposed`, [16 p][16 rows] ('mk' B).
+inline void PairTiles(std::vector<uint32_t>& t, const uint16_t* x, int64_t n, int64_t k,
                       bool transposed) {
-  const int64_t blocks = (kp + KB - 1) / KB, row_blocks = (n + 15) / 16;
+  const int64_t kp = (k + 1) / 2, blocks = (kp + KB - 1) / KB, row_blocks = (n + 15) / 16;
   t.assign(row_blocks * blocks * 256, 0u);
   for (int64_t r = 0; r < n; ++r)
     for (int64_t p = 0; p < kp; ++p) {
       const int64_t i = r % 16, q = p % KB;
-      t[((r / 16) * blocks + p / KB) * 256 + (transposed ? q * 16 + i : i * KB + q)] = xp[r * kp + p];
+      const uint32_t hi = 2 * p + 1 < k ? x[r * k + 2 * p + 1] : 0;
+      t[((r / 16) * blocks + p / KB) * 256 + (transposed ? q * 16 + i : i * KB + q)] =
+          x[r * k + 2 * p] | hi << 16;
     }
 }
 
@@ -186,33 +189,40 @@ inline int Configure2(int rows0, int rows1) {
   return 1000 + 32 * rows0 + rows1;
 }
 
-// 'km' packed block (matmul_cpu_packed.h: `width` <= 32 columns, rows in pairs) by all n
-// rows of x: y[:, :width] = x @ block. A 32-column block's whole k blocks are B tiles as
-// they lie (tile rows 128 bytes apart, one sequential read, 8 KB ahead prefetched); a k
-// tail or a narrower block's tiles come from a zero-padded copy. These are the tiles
-// `InterleaveChunk` builds, taken in the same order: the same sums. Rows go 32 at a time
-// (two A tiles by the two B tiles: 4 products per 4 tile loads; a prefill), the last 16
-// or fewer alone. `configured`: the tile configuration's code (0: none yet).
-void PackedBlockAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w, int64_t n,
-                    int64_t k, int64_t width, int& configured) {
-  const int64_t kp = (k + 1) / 2, blocks = (kp + KB - 1) / KB;
-  const int64_t direct = width == 32 ? k / 32 : 0;
-  const auto* pairs = reinterpret_cast<const uint32_t*>(w);  // pair p, column j: p width + j
-  thread_local std::vector<uint32_t> pad;
-  if (direct < blocks) {
-    pad.assign((blocks - direct) * KB * 32, 0u);
-    for (int64_t p = direct * KB; p < kp; ++p) {
-      uint32_t* row = pad.data() + (p - direct * KB) * 32;
-      for (int64_t j = 0; j < width; ++j)
-        row[j] = 2 * p + 1 < k ? pairs[p * width + j] : w[(k - 1) * width + j];
+// 'km' packed chunk (matmul_cpu_packed.h: blocks of 32 columns, rows in pairs, block j at
+// w + 32 j k, the last narrower where `len` says) by all n rows of x: y[:, :len]. A 32-column
+// block's whole k blocks are B tiles as they lie (tile rows 128 bytes apart; the chunk is one
+// sequential read, 8 KB ahead prefetched); a k tail or a narrower block's tiles come from a
+// zero-padded copy. These are the tiles `InterleaveChunk` builds, taken in the same order:
+// the same sums. Rows go 32 at a time (two A tiles by two B tiles: 4 products per 4 tile
+// loads; a prefill), the last 16 or fewer alone. `configured`: the tile configuration's
+// code (0: none yet).
+void PackedChunkAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w, int64_t n,
+                    int64_t k, int64_t len, int& configured) {
+  const int64_t kp = (k + 1) / 2, blocks = (kp + KB - 1) / KB, nb = (len + 31) / 32;
+  const int64_t whole = k / 32;  // k blocks of a 32-column block read in place
+  const int64_t last = len - 32 * (nb - 1), padded = blocks - whole;
+  thread_local std::vector<uint32_t> pad;  // block j's other k blocks at pad_at(j)
+  pad.assign((padded * (nb - 1) + blocks) * KB * 32, 0u);
+  auto width = [&](int64_t j) { return j + 1 < nb ? int64_t{32} : last; };
+  auto direct = [&](int64_t j) { return width(j) == 32 ? whole : int64_t{0}; };
+  auto pad_at = [&](int64_t j) { return pad.data() + j * padded * KB * 32; };
+  for (int64_t j = 0; j < nb; ++j) {
+    const auto* pairs = reinterpret_cast<const uint32_t*>(w + 32 * j * k);
+    const uint16_t* odd = w + 32 * j * k + (k - 1) * width(j);  // an odd last row, as it is
+    for (int64_t p = direct(j) * KB; p < kp; ++p) {
+      uint32_t* row = pad_at(j) + (p - direct(j) * KB) * 32;
+      for (int64_t c = 0; c < width(j); ++c)
+        row[c] = 2 * p + 1 < k ? pairs[p * width(j) + c] : odd[c];
     }
   }
-  auto b_tiles = [&](int64_t p) {
-    return p < direct ? pairs + p * KB * 32 : pad.data() + (p - direct) * KB * 32;
+  auto b_tiles = [&](int64_t j, int64_t p) {
+    return p < direct(j) ? reinterpret_cast<const uint32_t*>(w + 32 * j * k) + p * KB * 32
+                         : pad_at(j) + (p - direct(j)) * KB * 32;
   };
-  auto prefetch = [&](int64_t p) {  // the stream 8 KB ahead, on the block's first pass
-    if (p >= direct) return;
-    const char* ahead = reinterpret_cast<const char*>(b_tiles(p)) + 8192;
+  auto prefetch = [&](int64_t j, int64_t p) {  // the stream 8 KB ahead, on the first pass
+    if (p >= direct(j)) return;
+    const char* ahead = reinterpret_cast<const char*>(b_tiles(j, p)) + 8192;
     for (int l = 0; l < 2048; l += 64) __builtin_prefetch(ahead + l, 0, 2);
   };
   float tmp[512];
@@ -222,41 +232,45 @@ void PackedBlockAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w
     if (configured != 1000 + 32 * 16 + rows1) configured = Configure2(16, rows1);
     const uint32_t* a0 = xa + (r0 / 16) * blocks * 256;
     const uint32_t* a1 = a0 + blocks * 256;
-    _tile_zero(4);
-    _tile_zero(5);
-    _tile_zero(6);
-    _tile_zero(7);
-    for (int64_t p = 0; p < blocks; ++p) {
-      if (r0 == 0) prefetch(p);
-      const uint32_t* b = b_tiles(p);
-      _tile_loadd(0, a0 + p * 256, 64);
-      _tile_loadd(1, a1 + p * 256, 64);
-      _tile_loadd(2, b, 128);
-      _tile_loadd(3, b + 16, 128);
-      _tile_dpbf16ps(4, 0, 2);
-      _tile_dpbf16ps(5, 0, 3);
-      _tile_dpbf16ps(6, 1, 2);
-      _tile_dpbf16ps(7, 1, 3);
+    for (int64_t j = 0; j < nb; ++j) {
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      for (int64_t p = 0; p < blocks; ++p) {
+        if (r0 == 0) prefetch(j, p);
+        const uint32_t* b = b_tiles(j, p);
+        _tile_loadd(0, a0 + p * 256, 64);
+        _tile_loadd(1, a1 + p * 256, 64);
+        _tile_loadd(2, b, 128);
+        _tile_loadd(3, b + 16, 128);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_dpbf16ps(5, 0, 3);
+        _tile_dpbf16ps(6, 1, 2);
+        _tile_dpbf16ps(7, 1, 3);
+      }
+      StoreC(y + r0 * ldy, ldy, 32 * j, width(j), 16, tmp);
+      StoreC2(y + (r0 + 16) * ldy + 32 * j, ldy, width(j), rows1, tmp);
     }
-    StoreC(y + r0 * ldy, ldy, 0, width, 16, tmp);
-    StoreC2(y + (r0 + 16) * ldy, ldy, width, rows1, tmp);
   }
   if (r0 >= n) return;  // (the last pair may hold fewer than 32 rows)
   const int rows = static_cast<int>(n - r0);
   if (configured != rows) Configure(configured = rows);
   const uint32_t* a = xa + (r0 / 16) * blocks * 256;
-  _tile_zero(4);
-  _tile_zero(5);
-  for (int64_t p = 0; p < blocks; ++p) {
-    if (r0 == 0) prefetch(p);
-    const uint32_t* b = b_tiles(p);
-    _tile_loadd(0, a + p * 256, 64);
-    _tile_loadd(2, b, 128);
-    _tile_loadd(3, b + 16, 128);
-    _tile_dpbf16ps(4, 0, 2);
-    _tile_dpbf16ps(5, 0, 3);
+  for (int64_t j = 0; j < nb; ++j) {
+    _tile_zero(4);
+    _tile_zero(5);
+    for (int64_t p = 0; p < blocks; ++p) {
+      if (r0 == 0) prefetch(j, p);
+      const uint32_t* b = b_tiles(j, p);
+      _tile_loadd(0, a + p * 256, 64);
+      _tile_loadd(2, b, 128);
+      _tile_loadd(3, b + 16, 128);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_dpbf16ps(5, 0, 3);
+    }
+    StoreC(y + r0 * ldy, ldy, 32 * j, width(j), rows, tmp);
   }
-  StoreC(y + r0 * ldy, ldy, 0, width, rows, tmp);
 }
 
 // 'mk' chunk: y[:, m0:m1] = x @ W[m0:m1, :]^T; xb = PairTiles(x, transposed). 32 rows of W a
