@@ -38,8 +38,9 @@ namespace {
 constexpr int64_t PACK_COLUMNS = 32;
 
 // 'km' packed block (16 V columns) by R <= 8 rows of x: the R x V sums in registers down
-// all K rows, one sequential read of the block; k ascending, as in `RowsPass`: the same
-// sums. A bfloat16 block's pairs are widened in registers (the low half is row 2p).
+// all K rows, one sequential read of the block (4 KB ahead prefetched: without, a 576 x 3072
+// float32 product at 8 rows took 451 us against 313); k ascending, as in `RowsPass`: the
+// same sums. A bfloat16 block's pairs are widened in registers (the low half is row 2p).
 template <int R, int V, typename W>
 void PackedColumns(float* out, int64_t ldo, const float* x, int64_t k, const W* w) {
   V16 acc[R][V];
@@ -57,6 +58,7 @@ void PackedColumns(float* out, int64_t ldo, const float* x, int64_t k, const W* 
       V16 even[V], odd[V];
       for (int v = 0; v < V; ++v) {
         U16x32 u, lo, hi;
+        __builtin_prefetch(w + (q + 128 / V) * 16 * V + 32 * v, 0, 2);  // 4 KB ahead
         std::memcpy(&u, w + q * 16 * V + 32 * v, sizeof(u));
         lo = u << 16;
         hi = u & 0xFFFF0000u;
@@ -69,7 +71,10 @@ void PackedColumns(float* out, int64_t ldo, const float* x, int64_t k, const W* 
   }
   for (; q < k; ++q) {  // float32 rows; a bfloat16 block's odd last row
     V16 wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = Load(w + q * 16 * V + 16 * v);
+    for (int v = 0; v < V; ++v) {
+      if constexpr (std::is_same_v<W, float>) __builtin_prefetch(w + (q + 64 / V) * 16 * V + 16 * v, 0, 2);
+      wv[v] = Load(w + q * 16 * V + 16 * v);
+    }
     fma_row(q, wv);
   }
   for (int r = 0; r < R; ++r)
