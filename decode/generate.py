@@ -120,7 +120,7 @@ def _pack_fn(cfg: ModelConfig, impl: ModelImpl):
   return jax.jit(pack)
 
 
-_PACKED_CACHE: list = []  # [(weakref to params' first leaf, cfg, impl, packed)], newest last
+_PACKED_CACHE: list = []  # [(treedef, weakrefs to params' leaves, cfg, impl, packed)], newest last
 PACKED_CACHE_SIZE = 2     # sets of weights kept laid out (each as large as its weights)
 
 
@@ -128,18 +128,22 @@ def packed_weights(cfg: ModelConfig, params, impl: ModelImpl):
   """The "packed" collection of `params` for `impl` (model/linear.py `packed_km`: every
   [K, M] weight laid out for the matrix kernel), or None without impl.matmul_packed.
 
-  Kept for the last PACKED_CACHE_SIZE sets of weights (by the identity of their first
-  leaf), so that repeated calls with the same params lay them out once (~0.1-0.2 s
+  Kept for the last PACKED_CACHE_SIZE sets of weights, by the identity of every leaf
+  (jax arrays, which cannot change in place; a tree with other leaves is laid out anew
+  each call), so that repeated calls with the same params lay them out once (~0.1-0.2 s
   for SmolLM2-135M on CPU, docs/performance.md) at the cost of a second copy of them.
   """
   if not impl.matmul_packed:
     return None
-  leaf = jax.tree_util.tree_leaves(params)[0]
-  for ref, c, i, packed in _PACKED_CACHE:
-    if ref() is leaf and c == cfg and i == impl:
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  if not all(isinstance(x, jax.Array) for x in leaves):
+    return _pack_fn(cfg, impl)(params)
+  for tdef, refs, c, i, packed in _PACKED_CACHE:
+    if (tdef == treedef and c == cfg and i == impl
+        and all(r() is x for r, x in zip(refs, leaves))):
       return packed
   packed = _pack_fn(cfg, impl)(params)
-  _PACKED_CACHE.append((weakref.ref(leaf), cfg, impl, packed))
+  _PACKED_CACHE.append((treedef, [weakref.ref(x) for x in leaves], cfg, impl, packed))
   del _PACKED_CACHE[:-PACKED_CACHE_SIZE]
   return packed
 

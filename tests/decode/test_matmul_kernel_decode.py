@@ -116,6 +116,15 @@ def test_weights_are_laid_out_once_per_set_of_weights(params):
       np.testing.assert_array_equal(want[m][n], matmul_cpu.pack_km_reference(w))
   assert packed_weights(CFG, params, impl) is packed
   assert packed_weights(CFG, jax.tree.map(lambda x: x + 0, params), impl) is not packed
+  # one weight replaced, not the first leaf: laid out anew, with the new weight
+  tuned = {**params, "block_1": {**params["block_1"], "ffn": {
+      **params["block_1"]["ffn"], "w_out": params["block_1"]["ffn"]["w_out"] * 2.0}}}
+  retuned = packed_weights(CFG, tuned, impl)
+  assert retuned is not packed
+  np.testing.assert_array_equal(retuned["block_1"]["ffn"]["w_out"],
+                                matmul_cpu.pack_km_reference(tuned["block_1"]["ffn"]["w_out"]))
+  as_numpy = jax.tree.map(np.asarray, params)  # mutable leaves: never kept
+  assert packed_weights(CFG, as_numpy, impl) is not packed_weights(CFG, as_numpy, impl)
   assert packed_weights(CFG, params, plan.backend.impl) is None  # a step called from Python
   args = (params, jnp.ones((3, 8), jnp.int32), jnp.full((3,), 8, jnp.int32),
           proc.SamplingParams.create(3), jax.random.split(jax.random.key(0), 3),
