@@ -136,6 +136,8 @@ def packed_weights(cfg: ModelConfig, params, impl: ModelImpl):
   if not impl.matmul_packed:
     return None
   leaves, treedef = jax.tree_util.tree_flatten(params)
+  # Sets of weights since freed free their layouts too.
+  _PACKED_CACHE[:] = [e for e in _PACKED_CACHE if all(r() is not None for r in e[1])]
   if not all(isinstance(x, jax.Array) for x in leaves):
     return _pack_fn(cfg, impl)(params)
   for tdef, refs, c, i, packed in _PACKED_CACHE:
