@@ -97,7 +97,7 @@ struct Scratch {
   std::vector<float> x_wide, y_wide;
   std::vector<uint32_t> pairs, tiles;
 };
-constexpr size_t KEEP_BYTES = 64 << 20;
+constexpr size_t KEEP_BYTES = 16 << 20;
 
 template <typename T>
 void Trim(std::vector<T>& v) {
