@@ -44,7 +44,7 @@ from decode import backend as backend_lib
 from decode import engine_steps
 from decode import processors as proc
 from decode.config import GenerationConfig, check_request
-from decode.generate import active_processors
+from decode.generate import active_processors, packed_weights
 from model.config import ModelConfig
 from model.paged_cache import PagedSpec
 
@@ -148,8 +148,12 @@ class Engine:
                             kv_cache="paged", page_size=page_size)
     self.backend = backend_lib.resolve(cfg, gen0, max_batch)
     self.params = params
+    # Products read the matrix kernel's layout of the weights, laid out once (their loops
+    # run a chunk of steps a call).
+    impl = self.backend.loop_impl()
+    self.weights = (params, packed_weights(cfg, params, impl))
     self._prefill, self._decode = engine_steps.programs(
-        cfg, self.backend.impl, active=tuple(active),
+        cfg, impl, active=tuple(active),
         min_tokens_to_keep=gens[0].min_tokens_to_keep, chunk=chunk,
         sample=any(g.strategy == "sample" for g in gens),
         compiler_options=self.backend.compiler_options)
@@ -197,8 +201,8 @@ class Engine:
         fits = [i for i, r in enumerate(self.requests)
                 if bucket(len(r.prompt), MIN_PROMPT_BUCKET) == w][:1] * n
         args = self._prefill_args(list(range(n)), fits)
-        self._prefill.lower(self.params, state, *args).compile()
-    self._decode.lower(self.params, state, np.int32(1)).compile()
+        self._prefill.lower(self.weights, state, *args).compile()
+    self._decode.lower(self.weights, state, np.int32(1)).compile()
     return time.perf_counter() - t
 
   # ------------------------------------------------------------------ scheduler
@@ -229,10 +233,10 @@ class Engine:
         for k in range(0, len(group), self.prefill_rows):
           part = group[k:k + self.prefill_rows]
           args = self._prefill_args([s for s, _ in part], [r for _, r in part])
-          state = self._prefill(self.params, state, *args)
+          state = self._prefill(self.weights, state, *args)
           stats.prefills += 1
       empty = sum(r < 0 for r in slot_req)
-      state, out, steps = self._decode(self.params, state, np.int32(empty + 1))
+      state, out, steps = self._decode(self.weights, state, np.int32(empty + 1))
       out, done_b, logprob, in_use = jax.device_get(
           (out, state.done_B, state.logprob_B, state.cache.pool.in_use))
       stats.steps += int(steps)

@@ -77,13 +77,14 @@ def init_state(cache, vocab_size: int, stop_width: int, presence: bool) -> SlotS
 def programs(cfg, impl, *, active: tuple, min_tokens_to_keep: int, chunk: int,
              sample: bool = True, compiler_options: tuple = ()):
   """(prefill, decode_chunk), jitted (cached: engines of one setting share compilations);
-  see the module docstring. sample: some request samples (else no draws are traced);
-  compiler_options: sorted (name, value) pairs."""
+  see the module docstring. Both take `weights` = (params, packed): packed as
+  decode/generate.py `packed_weights(cfg, params, impl)`. sample: some request samples
+  (else no draws are traced); compiler_options: sorted (name, value) pairs."""
 
-  def prefill(params, state: SlotState, slots_N, prompt_NxP, len_N, max_new_N, greedy_N,
+  def prefill(weights, state: SlotState, slots_N, prompt_NxP, len_N, max_new_N, greedy_N,
               sp_N: proc.SamplingParams, stop_NxZ, seed_N):
     n, p = prompt_NxP.shape
-    step_fn = make_step_fn(cfg, params, impl)
+    step_fn = make_step_fn(cfg, weights[0], impl, weights[1])
     sub = state.cache.rows(slots_N, len_N)
     positions_NxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (n, p))
     logits_Nx1xV, sub = step_fn(prompt_NxP, positions_NxP, sub, fresh=True,
@@ -105,8 +106,8 @@ def programs(cfg, impl, *, active: tuple, min_tokens_to_keep: int, chunk: int,
         key_B=state.key_B.at[slots_N].set(keys_N, mode="drop"), presence_BxV=presence,
         logprob_B=put(state.logprob_B, jnp.zeros(n, jnp.float32)))
 
-  def decode_chunk(params, state: SlotState, stop_at_done):
-    step_fn = make_step_fn(cfg, params, impl)
+  def decode_chunk(weights, state: SlotState, stop_at_done):
+    step_fn = make_step_fn(cfg, weights[0], impl, weights[1])
     b = state.done_B.shape[0]
 
     def cond(carry):

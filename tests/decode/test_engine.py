@@ -143,7 +143,7 @@ def test_decode_chunk_updates_the_pool_in_place(params):
   [K, P, S, E] pool in its body."""
   engine = Engine(CFG, params, greedy_requests(50, 0), **SERVED)  # compiled by `served`
   state = engine._empty_state()
-  hlo = engine._decode.lower(params, state, np.int32(1)).compile(USER_XLA_OPTIONS).as_text()
+  hlo = engine._decode.lower(engine.weights, state, np.int32(1)).compile(USER_XLA_OPTIONS).as_text()
   shape = f"f32[{CFG.num_kv_heads},{engine.num_pages},4,{CFG.dim_per_head}]"
   bodies = [re.search(r"^%" + re.escape(name) + r" .*?^}", hlo, re.M | re.S).group(0)
             for name in re.findall(r" while\(.*?body=%([\w.\-]+)", hlo)]
