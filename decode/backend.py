@@ -77,8 +77,9 @@ class Backend:
     """`impl` for a decode while loop, which reads the same weights every step: the matrix
     kernel's weights laid out for it (ModelImpl.matmul_packed): once per set of weights
     where the caller passes decode/generate.py `packed_weights`, else in the program
-    (XLA hoists the layout out of the loop). A step function called from Python each
-    step keeps `impl`."""
+    (XLA hoists the layout out of the loop): decode/generate.py's program and the
+    serving engine's (decode/engine.py). A step function called from Python each step
+    keeps `impl`."""
     if self.impl.matmul != "cpu_kernel":
       return self.impl
     return dataclasses.replace(self.impl, matmul_packed=True)

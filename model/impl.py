@@ -29,7 +29,8 @@ uses the defaults, the plain XLA forms that run well on every backend.
                sequential stream; laid out once per set of weights where the caller
                passes the "packed" collection (model/linear.py `packed_km`), else by an
                XLA op on the weight, which XLA hoists out of a decode while loop
-               (decode/generate.py sets it for that loop only)
+               (decode/backend.py `loop_impl` sets it for the loops of decode/generate.py
+               and decode/engine.py)
     remat      'none'  training keeps every activation the backward pass needs
                'block' each block under `jax.checkpoint` with `nothing_saveable`: only
                        the block's inputs are kept; its forward is recomputed in the
