@@ -300,12 +300,9 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   }
   if (pairs && !tiles) {  // x[k] in the low half, x[k + 1] in the high
     const int64_t kp = (s->k + 1) / 2;
-    mine.pairs.assign(s->n * kp, 0u);
-    for (int64_t r = 0; r < s->n; ++r) {
-      for (int64_t t = 0; t < s->k; ++t) {
-        mine.pairs[r * kp + t / 2] |= static_cast<uint32_t>(xb[r * s->k + t]) << (16 * (t % 2));
-      }
-    }
+    mine.pairs.resize(s->n * kp);
+    for (int64_t r = 0; r < s->n; ++r)
+      for (int64_t p = 0; p < kp; ++p) mine.pairs[r * kp + p] = PairAt(xb + r * s->k, s->k, p);
     s->xp = mine.pairs.data();
   }
   s->ready.store(true, std::memory_order_release);

@@ -73,9 +73,8 @@ inline void PairTiles(std::vector<uint32_t>& t, const uint16_t* x, int64_t n, in
   for (int64_t r = 0; r < n; ++r)
     for (int64_t p = 0; p < kp; ++p) {
       const int64_t i = r % 16, q = p % KB;
-      const uint32_t hi = 2 * p + 1 < k ? x[r * k + 2 * p + 1] : 0;
       t[((r / 16) * blocks + p / KB) * 256 + (transposed ? q * 16 + i : i * KB + q)] =
-          x[r * k + 2 * p] | hi << 16;
+          PairAt(x + r * k, k, p);
     }
 }
 
@@ -110,29 +109,28 @@ inline void InterleaveChunk(uint32_t* vnni, const uint16_t* w, int64_t k, int64_
   }
 }
 
-// Tile 4 / 5 -> y[r0 + i, c0 + j] for i < rows, j < cols (16 columns a tile).
-inline void StoreC(float* y, int64_t m, int64_t c0, int64_t cols, int rows, float* tmp) {
-  if (cols >= 16) _tile_stored(4, y + c0, m * 4);
-  else _tile_stored(4, tmp, 64);
-  if (cols >= 32) _tile_stored(5, y + c0 + 16, m * 4);
-  else _tile_stored(5, tmp + 256, 64);
+// _tile_stored of C tile t (4 to 7; the intrinsic's tile is an assembler literal).
+inline void StoreTile(int t, float* p, int64_t stride) {
+  switch (t) {
+    case 4: _tile_stored(4, p, stride); break;
+    case 5: _tile_stored(5, p, stride); break;
+    case 6: _tile_stored(6, p, stride); break;
+    default: _tile_stored(7, p, stride); break;
+  }
+}
+
+// C tiles t / t + 1 (4 / 5, or 6 / 7: a second row block) -> y[i, c0 + j] for i < rows,
+// j < cols (16 columns a tile).
+inline void StoreC(float* y, int64_t m, int64_t c0, int64_t cols, int rows, float* tmp,
+                   int t = 4) {
+  if (cols >= 16) StoreTile(t, y + c0, m * 4);
+  else StoreTile(t, tmp, 64);
+  if (cols >= 32) StoreTile(t + 1, y + c0 + 16, m * 4);
+  else StoreTile(t + 1, tmp + 256, 64);
   if (cols >= 32) return;
   for (int i = 0; i < rows; ++i) {
     if (cols < 16) std::memcpy(y + i * m + c0, tmp + i * 16, cols * 4);
     else std::memcpy(y + i * m + c0 + 16, tmp + 256 + i * 16, (cols - 16) * 4);
-  }
-}
-
-// Tile 6 / 7 -> y[i, j] for i < rows, j < cols (`StoreC` of the second row block).
-inline void StoreC2(float* y, int64_t m, int64_t cols, int rows, float* tmp) {
-  if (cols >= 16) _tile_stored(6, y, m * 4);
-  else _tile_stored(6, tmp, 64);
-  if (cols >= 32) _tile_stored(7, y + 16, m * 4);
-  else _tile_stored(7, tmp + 256, 64);
-  if (cols >= 32) return;
-  for (int i = 0; i < rows; ++i) {
-    if (cols < 16) std::memcpy(y + i * m, tmp + i * 16, cols * 4);
-    else std::memcpy(y + i * m + 16, tmp + 256 + i * 16, (cols - 16) * 4);
   }
 }
 
@@ -177,8 +175,8 @@ void ChunkKMAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w, in
 }
 
 // Tiles 0, 1: A (rows r0 and r0 + 16 of x); 2, 3: B; 4, 5: C of A0; 6, 7: C of A1. Rows
-// `rows0` in A0 and its C, `rows1` in A1 and its C, 16 in B. Returns the configuration's code.
-inline int Configure2(int rows0, int rows1) {
+// `rows0` in A0 and its C, `rows1` in A1 and its C, 16 in B.
+inline void Configure2(int rows0, int rows1) {
   TileConfig c;
   const int rows[8] = {rows0, rows1, 16, 16, rows0, rows0, rows1, rows1};
   for (int t = 0; t < 8; ++t) {
@@ -186,7 +184,6 @@ inline int Configure2(int rows0, int rows1) {
     c.rows[t] = rows[t];
   }
   _tile_loadconfig(&c);
-  return 1000 + 32 * rows0 + rows1;
 }
 
 // 'km' packed chunk (matmul_cpu_packed.h: blocks of 32 columns, rows in pairs, block j at
@@ -196,7 +193,7 @@ inline int Configure2(int rows0, int rows1) {
 // zero-padded copy. These are the tiles `InterleaveChunk` builds, taken in the same order:
 // the same sums. Rows go 32 at a time (two A tiles by two B tiles: 4 products per 4 tile
 // loads; a prefill), the last 16 or fewer alone. `configured`: the tile configuration's
-// code (0: none yet).
+// code (rows0, or 1000 + 32 rows0 + rows1 for two row blocks; 0: none yet).
 void PackedChunkAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w, int64_t n,
                     int64_t k, int64_t len, int& configured) {
   const int64_t kp = (k + 1) / 2, blocks = (kp + KB - 1) / KB, nb = (len + 31) / 32;
@@ -225,52 +222,45 @@ void PackedChunkAmx(float* y, int64_t ldy, const uint32_t* xa, const uint16_t* w
     const char* ahead = reinterpret_cast<const char*>(b_tiles(j, p)) + 8192;
     for (int l = 0; l < 2048; l += 64) __builtin_prefetch(ahead + l, 0, 2);
   };
-  float tmp[512];
-  int64_t r0 = 0;
-  for (; n - r0 > 16; r0 += 32) {
-    const int rows1 = static_cast<int>(std::min<int64_t>(16, n - r0 - 16));
-    if (configured != 1000 + 32 * 16 + rows1) configured = Configure2(16, rows1);
+  // Rows r0 .. r0 + rows0 (A0, C 4 / 5) and, where rows1 > 0, the next rows1 (A1, C 6 / 7).
+  auto pass = [&](int64_t r0, int rows0, int rows1) {
+    const int code = rows1 > 0 ? 1000 + 32 * rows0 + rows1 : rows0;
+    if (configured != code) {
+      if (rows1 > 0) Configure2(rows0, rows1);
+      else Configure(rows0);
+      configured = code;
+    }
     const uint32_t* a0 = xa + (r0 / 16) * blocks * 256;
     const uint32_t* a1 = a0 + blocks * 256;
+    float tmp[512];
     for (int64_t j = 0; j < nb; ++j) {
       _tile_zero(4);
       _tile_zero(5);
-      _tile_zero(6);
-      _tile_zero(7);
+      if (rows1 > 0) {
+        _tile_zero(6);
+        _tile_zero(7);
+      }
       for (int64_t p = 0; p < blocks; ++p) {
         if (r0 == 0) prefetch(j, p);
         const uint32_t* b = b_tiles(j, p);
         _tile_loadd(0, a0 + p * 256, 64);
-        _tile_loadd(1, a1 + p * 256, 64);
         _tile_loadd(2, b, 128);
         _tile_loadd(3, b + 16, 128);
         _tile_dpbf16ps(4, 0, 2);
         _tile_dpbf16ps(5, 0, 3);
-        _tile_dpbf16ps(6, 1, 2);
-        _tile_dpbf16ps(7, 1, 3);
+        if (rows1 > 0) {
+          _tile_loadd(1, a1 + p * 256, 64);
+          _tile_dpbf16ps(6, 1, 2);
+          _tile_dpbf16ps(7, 1, 3);
+        }
       }
-      StoreC(y + r0 * ldy, ldy, 32 * j, width(j), 16, tmp);
-      StoreC2(y + (r0 + 16) * ldy + 32 * j, ldy, width(j), rows1, tmp);
+      StoreC(y + r0 * ldy, ldy, 32 * j, width(j), rows0, tmp);
+      if (rows1 > 0) StoreC(y + (r0 + 16) * ldy, ldy, 32 * j, width(j), rows1, tmp, 6);
     }
-  }
-  if (r0 >= n) return;  // (the last pair may hold fewer than 32 rows)
-  const int rows = static_cast<int>(n - r0);
-  if (configured != rows) Configure(configured = rows);
-  const uint32_t* a = xa + (r0 / 16) * blocks * 256;
-  for (int64_t j = 0; j < nb; ++j) {
-    _tile_zero(4);
-    _tile_zero(5);
-    for (int64_t p = 0; p < blocks; ++p) {
-      if (r0 == 0) prefetch(j, p);
-      const uint32_t* b = b_tiles(j, p);
-      _tile_loadd(0, a + p * 256, 64);
-      _tile_loadd(2, b, 128);
-      _tile_loadd(3, b + 16, 128);
-      _tile_dpbf16ps(4, 0, 2);
-      _tile_dpbf16ps(5, 0, 3);
-    }
-    StoreC(y + r0 * ldy, ldy, 32 * j, width(j), rows, tmp);
-  }
+  };
+  int64_t r0 = 0;
+  for (; n - r0 > 16; r0 += 32) pass(r0, 16, static_cast<int>(std::min<int64_t>(16, n - r0 - 16)));
+  if (r0 < n) pass(r0, static_cast<int>(n - r0), 0);  // (the last pair may hold fewer than 32)
 }
 
 // 'mk' chunk: y[:, m0:m1] = x @ W[m0:m1, :]^T; xb = PairTiles(x, transposed). 32 rows of W a

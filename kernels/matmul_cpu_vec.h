@@ -35,6 +35,13 @@ inline float Scalar(uint16_t w) {
   return f;
 }
 
+// The bfloat16 pair p of a row x_r of k bfloat16s: x_r[2p] low, x_r[2p + 1] (0 past k) high,
+// as VDPBF16PS and the AMX tiles take pairs along k.
+inline uint32_t PairAt(const uint16_t* x_r, int64_t k, int64_t p) {
+  const uint32_t hi = 2 * p + 1 < k ? x_r[2 * p + 1] : 0;
+  return x_r[2 * p] | hi << 16;
+}
+
 // float32 -> bfloat16, rounded to nearest even (NaN stays a NaN), as XLA's convert.
 inline uint16_t RoundBf16(float f) {
   uint32_t u;
