@@ -27,7 +27,7 @@ from model.cache import attend_update
 from model.config import ModelConfig
 from model.ffn import fan_in_init
 from model.impl import ModelImpl
-from model.linear import einsum_f32, packed_km, project
+from model.linear import einsum_f32, project_km
 from model.rope import apply_rope
 
 
@@ -170,10 +170,9 @@ class Attention(nn.Module):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     h, kv = cfg.num_heads, cfg.num_kv_heads
-    w_DxM = rearrange(self.w_qkv, "d n e -> d (n e)")
-    qkv_BxLx_H_2K_xE = project(x_BxLxD, w_DxM, self.impl, dt,
-                               packed_w=packed_km(self, "w_qkv", w_DxM, self.impl, dt)
-                               ).reshape(*x_BxLxD.shape[:2], h + 2 * kv, -1)
+    qkv_BxLx_H_2K_xE = project_km(self, "w_qkv", x_BxLxD,
+                                  rearrange(self.w_qkv, "d n e -> d (n e)"),
+                                  dt).reshape(*x_BxLxD.shape[:2], h + 2 * kv, -1)
     # One rotation for q and k together (shared cos/sin, fewer ops per step).
     qk_BxLx_H_K_xE = apply_rope(qkv_BxLx_H_2K_xE[:, :, : h + kv], positions_BxL, cfg.rope_theta)
     return qk_BxLx_H_K_xE[:, :, :h], qk_BxLx_H_K_xE[:, :, h:], qkv_BxLx_H_2K_xE[:, :, h + kv:]
@@ -183,9 +182,8 @@ class Attention(nn.Module):
     dt = jnp.dtype(self.cfg.dtype)
     # One (H*E) contraction: with two contracting axes XLA may pick the (E, H)
     # order and transpose all of w_o on every decode step.
-    w_KxD = rearrange(self.w_o, "h e d -> (h e) d")
-    return project(rearrange(o_BxLxHxE, "b l h e -> b l (h e)"), w_KxD, self.impl, dt,
-                   packed_w=packed_km(self, "w_o", w_KxD, self.impl, dt))
+    return project_km(self, "w_o", rearrange(o_BxLxHxE, "b l h e -> b l (h e)"),
+                      rearrange(self.w_o, "h e d -> (h e) d"), dt)
 
   def __call__(self, x_BxLxD, positions_BxL, cache: Optional[Any] = None, layer: int = 0,
                fresh: bool = False):

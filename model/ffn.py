@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.impl import ModelImpl
-from model.linear import packed_km, project
+from model.linear import project_km
 
 
 def fan_in_init(scale: float = 1.0, batch_axis=()):
@@ -44,7 +44,5 @@ class SwiGLU(nn.Module):
     f = self.width or cfg.ffn_dim
     w_in = self.param("w_in", fan_in_init(), (cfg.d_model, 2 * f), jnp.float32)
     w_out = self.param("w_out", fan_in_init(), (f, cfg.d_model), jnp.float32)
-    h_BxLx2F = project(x_BxLxD, w_in, self.impl, dt,
-                       packed_w=packed_km(self, "w_in", w_in, self.impl, dt))
-    return project(swiglu(h_BxLx2F), w_out, self.impl, dt,
-                   packed_w=packed_km(self, "w_out", w_out, self.impl, dt))
+    h_BxLx2F = project_km(self, "w_in", x_BxLxD, w_in, dt)
+    return project_km(self, "w_out", swiglu(h_BxLx2F), w_out, dt)

@@ -15,7 +15,7 @@ weight in a pass of its own before its dot, docs/performance.md). Other
 products (float32 prefill, training) and impl.matmul 'xla' are XLA dots.
 
 A module gives `project` each [K, M] weight's packed layout too
-(`packed_km`): from its "packed" variable collection when the caller passed
+(`project_km`, `packed_km`): from its "packed" variable collection when the caller passed
 one (laid out once per set of weights, decode/generate.py `packed_weights`),
 else laid out in the graph, which XLA hoists out of a decode loop but redoes
 on every call of the program.
@@ -88,6 +88,13 @@ def packed_km(module, name: str, w_KxM, impl: ModelImpl, dtype):
   if module.is_mutable_collection(PACKED):
     module.put_variable(PACKED, name, p)
   return p
+
+
+def project_km(module, name: str, x_BxLxK, w_KxM, dtype):
+  """x @ W for `module`'s [K, M] weight `name` (its `impl`): `project` with its packed
+  layout (`packed_km`), the way every projection of the model calls it."""
+  return project(x_BxLxK, w_KxM, module.impl, dtype,
+                 packed_w=packed_km(module, name, w_KxM, module.impl, dtype))
 
 
 def project(x_BxLxK, w, impl: ModelImpl, dtype, transpose_w: bool = False, out_dtype=None,

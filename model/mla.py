@@ -40,7 +40,7 @@ from model.cache import attend_update, attend_update_latent
 from model.config import ModelConfig
 from model.ffn import fan_in_init
 from model.impl import ModelImpl
-from model.linear import packed_km, project
+from model.linear import project_km
 from model.norm import RMSNorm
 from model.rope import apply_rope
 
@@ -123,18 +123,16 @@ class MLA(nn.Module):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     heads = lambda w: rearrange(w, "i h e -> i (h e)")
-    proj = lambda x, name, w: project(x, w, self.impl, dt,
-                                      packed_w=packed_km(self, name, w, self.impl, dt))
     b, l = x_BxLxD.shape[:2]
     if cfg.q_lora_rank:
-      c_q_BxLxQ = self.q_norm(proj(x_BxLxD, "w_dq", self.w_dq))
-      q_BxLxHxE = proj(c_q_BxLxQ, "w_uq", heads(self.w_uq))
+      c_q_BxLxQ = self.q_norm(project_km(self, "w_dq", x_BxLxD, self.w_dq, dt))
+      q_BxLxHxE = project_km(self, "w_uq", c_q_BxLxQ, heads(self.w_uq), dt)
     else:
-      q_BxLxHxE = proj(x_BxLxD, "w_q", heads(self.w_q))
+      q_BxLxHxE = project_km(self, "w_q", x_BxLxD, heads(self.w_q), dt)
     q_BxLxHxE = q_BxLxHxE.reshape(b, l, cfg.num_heads, -1)
     nope, c = cfg.mla_nope_dim, cfg.kv_lora_rank
     rope = lambda y: apply_rope(y, positions_BxL, cfg.rope_theta, cfg.rope_interleave)
-    kv_BxLxW = proj(x_BxLxD, "w_dkv", self.w_dkv)
+    kv_BxLxW = project_km(self, "w_dkv", x_BxLxD, self.w_dkv, dt)
     c_kv_BxLxC = self.kv_norm(kv_BxLxW[..., :c])
     k_rope_BxLxR = rope(kv_BxLxW[:, :, None, c:])[:, :, 0]
     return q_BxLxHxE[..., :nope], rope(q_BxLxHxE[..., nope:]), c_kv_BxLxC, k_rope_BxLxR
@@ -149,9 +147,8 @@ class MLA(nn.Module):
 
   def out(self, o_BxLxHxV):
     dt = jnp.dtype(self.cfg.dtype)
-    w_KxD = rearrange(self.w_o, "h v d -> (h v) d")
-    return project(rearrange(o_BxLxHxV, "b l h v -> b l (h v)"), w_KxD, self.impl, dt,
-                   packed_w=packed_km(self, "w_o", w_KxD, self.impl, dt))
+    return project_km(self, "w_o", rearrange(o_BxLxHxV, "b l h v -> b l (h v)"),
+                      rearrange(self.w_o, "h v d -> (h v) d"), dt)
 
   def __call__(self, x_BxLxD, positions_BxL, cache: Optional[Any] = None, layer: int = 0,
                fresh: bool = False):
