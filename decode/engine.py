@@ -147,7 +147,6 @@ class Engine:
     gen0 = GenerationConfig(attention_impl=attention_impl, moe_impl=moe_impl, num_devices=1,
                             kv_cache="paged", page_size=page_size)
     self.backend = backend_lib.resolve(cfg, gen0, max_batch)
-    self.params = params
     # Products read the matrix kernel's layout of the weights, laid out once (their loops
     # run a chunk of steps a call).
     impl = self.backend.loop_impl()
