@@ -35,7 +35,7 @@ from model.attention import Attention
 from model.config import ModelConfig
 from model.ffn import SwiGLU
 from model.impl import ModelImpl
-from model.linear import project
+from model.linear import PACKED, project
 from model.mla import MLA
 from model.moe import MoE
 from model.norm import RMSNorm
@@ -100,7 +100,29 @@ class Decoder(nn.Module):
           1.0, "fan_in", "truncated_normal"), (cfg.d_model, cfg.vocab_size), jnp.float32)
 
   def embed_tokens(self, tokens_BxL):
-    return take_rows(self.embed, tokens_BxL).astype(jnp.dtype(self.cfg.dtype))
+    bits_VxD = self.embed_bits()
+    if bits_VxD is None:
+      h = take_rows(self.embed, tokens_BxL)
+    else:
+      h = jax.lax.bitcast_convert_type(jnp.take(bits_VxD, tokens_BxL, axis=0), self.embed.dtype)
+    return h.astype(jnp.dtype(self.cfg.dtype))
+
+  def embed_bits(self):
+    """A 16-bit table's bits for a decode loop (impl.matmul_packed), from the "packed"
+    collection where the caller passed it (decode/generate.py `packed_weights`), else None.
+
+    `take_rows` bitcasts the whole table, which XLA:CPU runs as a copy, hoisted out of the
+    loop but redone each call (56 MB, 25-75 ms a SmolLM2 bf16 run, docs/performance.md).
+    """
+    if not self.impl.matmul_packed or self.embed.dtype not in (jnp.bfloat16, jnp.float16):
+      return None
+    if self.has_variable(PACKED, "embed_bits"):
+      return self.get_variable(PACKED, "embed_bits")
+    if not self.is_mutable_collection(PACKED):
+      return None
+    bits_VxD = jax.lax.bitcast_convert_type(self.embed, jnp.uint16)
+    self.put_variable(PACKED, "embed_bits", bits_VxD)
+    return bits_VxD
 
   def logits(self, h_BxLxD):
     """Final norm + unembedding, float32 logits (the product's accumulator, unrounded)."""

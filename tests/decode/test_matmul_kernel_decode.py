@@ -135,3 +135,31 @@ def test_weights_are_laid_out_once_per_set_of_weights(params):
   in_graph = decode_fn(CFG, plan)(*args)
   np.testing.assert_array_equal(given["tokens"], in_graph["tokens"])
   np.testing.assert_array_equal(given["logprobs"], in_graph["logprobs"])
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the C++ matrix kernel runs on the CPU backend only")
+def test_a_bfloat16_embedding_is_gathered_from_its_packed_bits(params):
+  """A bf16 model's `packed_weights` holds the table's bits, and a program given them
+  gathers from them: no bitcast copy of the whole table (there is one without), same
+  tokens and logprobs."""
+  cfg = CFG.replace(dtype="bfloat16")
+  p = cast_weights(params, "bfloat16")
+  gen = GenerationConfig(max_new_tokens=6, num_devices=1, matmul_impl="cpu_kernel",
+                         cache_growth=0)
+  plan = plan_for(cfg, gen, 8, len(PROMPTS))
+  packed = packed_weights(cfg, p, plan.backend.loop_impl())
+  np.testing.assert_array_equal(packed["embed_bits"],
+                                jax.lax.bitcast_convert_type(p["embed"], jnp.uint16))
+  assert "embed_bits" not in packed_weights(CFG, params, plan.backend.loop_impl())  # float32
+  args = (p, jnp.ones((3, 8), jnp.int32), jnp.full((3,), 8, jnp.int32),
+          proc.SamplingParams.create(3), jax.random.split(jax.random.key(0), 3),
+          (np.float32(1.0), np.int32(1)))
+  table = f"u16[{cfg.vocab_size},{cfg.d_model}]"
+  def table_copies(*packed_arg):
+    hlo = decode_fn(cfg, plan).lower(*args, *packed_arg).compile().as_text()
+    return [l for l in hlo.splitlines()
+            if f"= {table}" in l and any(op in l for op in (" fusion(", " bitcast-convert(", " copy("))]
+  assert not table_copies(packed) and table_copies()
+  given, in_graph = decode_fn(cfg, plan)(*args, packed), decode_fn(cfg, plan)(*args)
+  np.testing.assert_array_equal(given["tokens"], in_graph["tokens"])
+  np.testing.assert_array_equal(given["logprobs"], in_graph["logprobs"])
