@@ -35,7 +35,7 @@ from model.attention import Attention
 from model.config import ModelConfig
 from model.ffn import SwiGLU
 from model.impl import ModelImpl
-from model.linear import PACKED, project
+from model.linear import PACKED, packed_km, project
 from model.mla import MLA
 from model.moe import MoE
 from model.norm import RMSNorm
@@ -125,11 +125,21 @@ class Decoder(nn.Module):
     return bits_VxD
 
   def logits(self, h_BxLxD):
-    """Final norm + unembedding, float32 logits (the product's accumulator, unrounded)."""
-    h = self.final_norm(h_BxLxD)
-    tied = self.cfg.tie_embeddings
-    return project(h, self.embed if tied else self.unembed, self.impl, h.dtype,
-                   transpose_w=tied, out_dtype=jnp.float32)
+    """Final norm + unembedding, float32 logits (the product's accumulator, unrounded).
+
+    A tied table is the [V, D] product x @ Emb^T, or in a decode loop (impl.matmul_packed)
+    its transpose's packed layout: the kernel's 'km' register tiles read it in one
+    sequential pass, with no per-row sums to reduce (SmolLM2's 49k rows: 1.2x at 8 rows).
+    """
+    h, impl, f32 = self.final_norm(h_BxLxD), self.impl, jnp.float32
+    if not self.cfg.tie_embeddings:
+      return project(h, self.unembed, impl, h.dtype, out_dtype=f32,
+                     packed_w=packed_km(self, "unembed", self.unembed, impl, h.dtype))
+    if impl.matmul_packed:
+      w_DxV = self.embed.T
+      return project(h, w_DxV, impl, h.dtype, out_dtype=f32,
+                     packed_w=packed_km(self, "embed_T", w_DxV, impl, h.dtype))
+    return project(h, self.embed, impl, h.dtype, transpose_w=True, out_dtype=f32)
 
   def __call__(self, tokens_BxL, positions_BxL: Optional[jax.Array] = None,
                train: bool = False):

@@ -83,9 +83,10 @@ def test_bfloat16_weights_decode_alike(params):
 @pytest.mark.skipif(not ON_CPU, reason="the C++ matrix kernel runs on the CPU backend only")
 def test_packed_weights_of_latent_attention_and_experts_decode_alike():
   """MLA (a q LoRA, per-head up-projections, an output over two contracted axes) with
-  MoE blocks: every [K, M] product packed in the kernel gives XLA's tokens."""
+  MoE blocks and an untied unembedding: every [K, M] product packed in the kernel gives
+  XLA's tokens."""
   cfg = CFG.replace(attention="mla", kv_lora_rank=16, q_lora_rank=24, rope_head_dim=4,
-                    num_experts=4, moe_top_k=2, moe_every=2)
+                    num_experts=4, moe_top_k=2, moe_every=2, tie_embeddings=False)
   p = jax.jit(Decoder(cfg).init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
   p = jax.tree.map(lambda x: x * 3.0 if x.ndim > 1 else x, p)
   gen = GenerationConfig(max_new_tokens=10, num_devices=1, matmul_impl="cpu_kernel",
@@ -93,6 +94,7 @@ def test_packed_weights_of_latent_attention_and_experts_decode_alike():
   kernel = generate(cfg, p, PROMPTS, gen)
   xla = generate(cfg, p, PROMPTS, gen, matmul_impl="xla")
   assert kernel.backend.loop_impl().matmul_packed
+  assert "unembed" in packed_weights(cfg, p, kernel.backend.loop_impl())
   np.testing.assert_array_equal(kernel.tokens, xla.tokens)
   np.testing.assert_allclose(kernel.logprobs, xla.logprobs, rtol=1e-5, atol=1e-5)
 
@@ -114,6 +116,9 @@ def test_weights_are_laid_out_once_per_set_of_weights(params):
     assert {(m, n) for m in want for n in want[m]} == set(views)
     for (m, n), w in views.items():
       np.testing.assert_array_equal(want[m][n], matmul_cpu.pack_km_reference(w))
+  # the tied unembedding as its transpose's layout ('km' register tiles)
+  assert set(packed) == {f"block_{i}" for i in range(CFG.num_layers)} | {"embed_T"}
+  np.testing.assert_array_equal(packed["embed_T"], matmul_cpu.pack_km_reference(params["embed"].T))
   assert packed_weights(CFG, params, impl) is packed
   assert packed_weights(CFG, jax.tree.map(lambda x: x + 0, params), impl) is not packed
   # one weight replaced, not the first leaf: laid out anew, with the new weight
