@@ -12,8 +12,10 @@
 // (`PackedColumns` here for float32 FMAs, matmul_cpu_bf16.h for bfloat16 pairs, whose
 // 64-byte loads are then whole pairs; the AMX tiles load theirs in place,
 // matmul_cpu_amx.h); in W's own layout every row of a block is a separate 64-byte run
-// and every pair two loads and a permute. Other products (more rows, a narrower block)
-// take each block as a 'km' W of its own (a bfloat16 one restored first, `UnpackPairs`).
+// and every pair two loads and a permute. With VDPBF16PS more rows (a prefill) take the
+// same register tiles 8 rows at a time; other products (more rows otherwise, a narrower
+// block) take each block as a 'km' W of its own (a bfloat16 one restored first,
+// `UnpackPairs`).
 // The sums run in the same order either way, so a packed product equals the unpacked
 // one bit for bit.
 

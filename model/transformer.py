@@ -129,7 +129,7 @@ class Decoder(nn.Module):
 
     A tied table is the [V, D] product x @ Emb^T, or in a decode loop (impl.matmul_packed)
     its transpose's packed layout: the kernel's 'km' register tiles read it in one
-    sequential pass, with no per-row sums to reduce (SmolLM2's 49k rows: 1.2x at 8 rows).
+    sequential pass, with no per-row sums to reduce (SmolLM2, 8 rows: 2.0 against 2.7 ms).
     """
     h, impl, f32 = self.final_norm(h_BxLxD), self.impl, jnp.float32
     if not self.cfg.tie_embeddings:
