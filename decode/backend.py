@@ -79,10 +79,13 @@ class Backend:
     where the caller passes decode/generate.py `packed_weights`, else in the program
     (XLA hoists the layout out of the loop): decode/generate.py's program and the
     serving engine's (decode/engine.py). A step function called from Python each step
-    keeps `impl`."""
-    if self.impl.matmul != "cpu_kernel":
-      return self.impl
-    return dataclasses.replace(self.impl, matmul_packed=True)
+    keeps `impl`. On CPU, RoPE's cos and sin come from a table (ModelImpl.rope_table)."""
+    impl = self.impl
+    if self.platform == "cpu":
+      impl = dataclasses.replace(impl, rope_table=True)
+    if impl.matmul == "cpu_kernel":
+      impl = dataclasses.replace(impl, matmul_packed=True)
+    return impl
 
   def describe(self) -> str:
     opts = ", ".join(f"{k}={v!r}" for k, v in self.compiler_options) or "none"

@@ -174,7 +174,8 @@ class Attention(nn.Module):
                                   rearrange(self.w_qkv, "d n e -> d (n e)"),
                                   dt).reshape(*x_BxLxD.shape[:2], h + 2 * kv, -1)
     # One rotation for q and k together (shared cos/sin, fewer ops per step).
-    qk_BxLx_H_K_xE = apply_rope(qkv_BxLx_H_2K_xE[:, :, : h + kv], positions_BxL, cfg.rope_theta)
+    qk_BxLx_H_K_xE = apply_rope(qkv_BxLx_H_2K_xE[:, :, : h + kv], positions_BxL, cfg.rope_theta,
+                                table_len=cfg.max_seq_len if self.impl.rope_table else None)
     return qk_BxLx_H_K_xE[:, :, :h], qk_BxLx_H_K_xE[:, :, h:], qkv_BxLx_H_2K_xE[:, :, h + kv:]
 
   def out(self, o_BxLxHxE):

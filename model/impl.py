@@ -31,6 +31,11 @@ uses the defaults, the plain XLA forms that run well on every backend.
                XLA op on the weight, which XLA hoists out of a decode while loop
                (decode/backend.py `loop_impl` sets it for the loops of decode/generate.py
                and decode/engine.py)
+    rope_table  RoPE's cos and sin gathered from a table of cfg.max_seq_len positions,
+               computed once per program (`rope.apply_rope` table_len), instead of per
+               element of q and k, where XLA:CPU fuses them; for loops whose positions
+               are checked below max_seq_len (decode/config.py `check_request`):
+               decode/backend.py `loop_impl` sets it on CPU
     remat      'none'  training keeps every activation the backward pass needs
                'block' each block under `jax.checkpoint` with `nothing_saveable`: only
                        the block's inputs are kept; its forward is recomputed in the
@@ -67,6 +72,7 @@ class ModelImpl:
   matmul: str = "xla"
   matmul_threads: int = 0
   matmul_packed: bool = False
+  rope_table: bool = False
   remat: str = "none"
   attention_kernel: str = ""
   interpret: bool = False

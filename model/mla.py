@@ -131,7 +131,8 @@ class MLA(nn.Module):
       q_BxLxHxE = project_km(self, "w_q", x_BxLxD, heads(self.w_q), dt)
     q_BxLxHxE = q_BxLxHxE.reshape(b, l, cfg.num_heads, -1)
     nope, c = cfg.mla_nope_dim, cfg.kv_lora_rank
-    rope = lambda y: apply_rope(y, positions_BxL, cfg.rope_theta, cfg.rope_interleave)
+    table = cfg.max_seq_len if self.impl.rope_table else None
+    rope = lambda y: apply_rope(y, positions_BxL, cfg.rope_theta, cfg.rope_interleave, table)
     kv_BxLxW = project_km(self, "w_dkv", x_BxLxD, self.w_dkv, dt)
     c_kv_BxLxC = self.kv_norm(kv_BxLxW[..., :c])
     k_rope_BxLxR = rope(kv_BxLxW[:, :, None, c:])[:, :, 0]

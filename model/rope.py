@@ -14,21 +14,31 @@ import jax.numpy as jnp
 
 
 def rope_angles(positions_BxL, dim: int, theta: float):
-  """Returns (cos, sin), each B x L x dim/2, float32."""
+  """Returns (cos, sin), each B x L x dim/2 (positions' shape x dim/2), float32."""
   inv_freq = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
   ang_BxLxF = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
   return jnp.cos(ang_BxLxF), jnp.sin(ang_BxLxF)
 
 
-def apply_rope(x_BxLxHxD, positions_BxL, theta: float, interleave: bool = False):
+def apply_rope(x_BxLxHxD, positions_BxL, theta: float, interleave: bool = False,
+               table_len: int | None = None):
   """Rotates each head of x by its token's position. Shape preserved.
 
   interleave: the pairs are (x0, x1), (x2, x3), ... (HF DeepSeek-V3's
   `rope_interleave`); the result is in the rotate-half layout, as HF returns
   it (queries and keys alike, so their products are those of the pairs).
+  table_len: positions are known to be below it (ModelImpl.rope_table): cos and sin
+  are gathered from a table of that many positions (the same values), computed once
+  per program, where XLA:CPU otherwise fuses them into the rotation and evaluates
+  them for every element of x (H times per token).
   """
   d = x_BxLxHxD.shape[-1]
-  cos, sin = rope_angles(positions_BxL, d, theta)
+  if table_len is None:
+    cos, sin = rope_angles(positions_BxL, d, theta)
+  else:
+    cos_PxF, sin_PxF = rope_angles(jnp.arange(table_len), d, theta)
+    cos = jnp.take(cos_PxF, positions_BxL, axis=0, mode="clip")
+    sin = jnp.take(sin_PxF, positions_BxL, axis=0, mode="clip")
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x = x_BxLxHxD.astype(jnp.float32)
   if interleave:

@@ -92,4 +92,5 @@ def test_only_the_decode_loop_packs():
   b = backend_lib.Backend(platform="cpu", impl=impl, num_devices=1)
   assert b.impl.matmul_packed is False and b.loop_impl().matmul_packed is True
   xla = dataclasses.replace(b, impl=ModelImpl())
-  assert xla.loop_impl() == ModelImpl()
+  assert xla.loop_impl() == ModelImpl(rope_table=True)  # (the loops' RoPE table, on CPU)
+  assert dataclasses.replace(xla, platform="gpu").loop_impl() == ModelImpl()
