@@ -1,5 +1,6 @@
-"""Shared by the GGUF tests (test_gguf_interop.py, test_pretrained.py): `gguf_helpers`,
-the strings the tokenizers are compared on and moelab's logits of a checkpoint."""
+"""Shared by the model tests: `gguf_helpers` (test_gguf_interop.py, test_pretrained.py),
+the strings the tokenizers are compared on and moelab's logits of a checkpoint; and
+`decode_step` (test_linear.py, test_rope.py), a jitted cached decode step."""
 
 import random
 import types
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model.kv_cache import ContiguousSpec
 from model.transformer import Decoder
 
 
@@ -43,3 +45,16 @@ def rel_rms(a, ref):
 @pytest.fixture(scope="session")
 def gguf_helpers():
   return types.SimpleNamespace(strings=strings, logits=logits, rel_rms=rel_rms)
+
+
+def decode_step(cfg, impl, tokens_BxL, positions_BxL, cache_len: int = 16):
+  """jit(params -> logits) of one cached Decoder.decode step under `impl`, on an empty
+  contiguous cache of `cache_len` slots a row."""
+  cache = ContiguousSpec().init(cfg, tokens_BxL.shape[0], cache_len)
+  return jax.jit(lambda p: Decoder(cfg, impl).apply({"params": p}, tokens_BxL, positions_BxL,
+                                                    cache, method=Decoder.decode)[0])
+
+
+@pytest.fixture(scope="session")
+def decode_step_fn():
+  return decode_step

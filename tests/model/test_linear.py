@@ -10,7 +10,6 @@ import pytest
 from kernels import matmul_cpu
 from model.config import ModelConfig
 from model.impl import ModelImpl
-from model.kv_cache import ContiguousSpec
 from model.linear import DECODE_ROWS, project
 from model.transformer import Decoder
 
@@ -38,7 +37,7 @@ def test_kernel_exactly_for_decode_sized_products(rows, transpose_w, dtype):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_decode_step_calls_the_kernel_for_every_weight_product(tie):
+def test_decode_step_calls_the_kernel_for_every_weight_product(tie, decode_step_fn):
   """A cached decode step of the Decoder with impl matmul='cpu_kernel': four
   products a layer (qkv, out, FFN in, FFN out) and the unembedding, the
   logits of the XLA form."""
@@ -47,11 +46,7 @@ def test_decode_step_calls_the_kernel_for_every_weight_product(tie):
   params = jax.jit(Decoder(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   tokens, pos = jnp.array([[3], [7]]), jnp.array([[0], [0]])
 
-  def step(impl):
-    cache = ContiguousSpec().init(cfg, 2, 16)
-    return jax.jit(lambda p: Decoder(cfg, impl).apply({"params": p}, tokens, pos, cache,
-                                                      method=Decoder.decode)[0])
-
+  step = lambda impl: decode_step_fn(cfg, impl, tokens, pos)
   want, got = step(ModelImpl())(params), step(KERNEL)(params)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   hlo = step(KERNEL).lower(params).as_text()

@@ -10,7 +10,6 @@ import pytest
 
 from model.config import ModelConfig
 from model.impl import ModelImpl
-from model.kv_cache import ContiguousSpec
 from model.rope import apply_rope
 from model.transformer import Decoder
 
@@ -25,17 +24,13 @@ def test_table_rotation_equals_the_direct_one(interleave, dtype):
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-def test_a_decode_step_with_the_table_evaluates_cos_once():
+def test_a_decode_step_with_the_table_evaluates_cos_once(decode_step_fn):
   cfg = ModelConfig(vocab_size=50, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,
                     ffn_dim=48, max_seq_len=64)
   params = jax.jit(Decoder(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   tokens, pos = jnp.array([[3], [7]]), jnp.array([[5], [9]])
 
-  def step(impl):
-    cache = ContiguousSpec().init(cfg, 2, 16)
-    return jax.jit(lambda p: Decoder(cfg, impl).apply({"params": p}, tokens, pos, cache,
-                                                      method=Decoder.decode)[0])
-
+  step = lambda impl: decode_step_fn(cfg, impl, tokens, pos)
   plain, table = ModelImpl(), dataclasses.replace(ModelImpl(), rope_table=True)
   np.testing.assert_array_equal(step(table)(params), step(plain)(params))
   cosines = lambda impl: step(impl).lower(params).compile().as_text().count(" cosine(")
