@@ -22,9 +22,9 @@
 // (`layout` 0, the paged pools) or [P, S, K, Ek], [P, S, K, Ev] (`layout` 1: the
 // contiguous [B, T, K, E] cache, P = B pages of S = T slots, table [B, 1] = b),
 // table [B, M] int32, len [B] int32, k_new [B, K, Ek], v_new [B, K, Ev] -> o
-// [B, H, Ev]; row-major; the pools float32, q, k_new, v_new and o all float32 or
-// all bfloat16 (widened on read, o rounded to nearest even); table entries are
-// clamped to [0, P).
+// [B, H, Ev]; row-major; the pools both float32 or both bfloat16 (BF16, or its bits
+// as U16), q, k_new, v_new and o all float32 or all bfloat16 (bfloat16 widened on
+// read, o rounded to nearest even); table entries are clamped to [0, P).
 
 #include <algorithm>
 #include <atomic>
@@ -44,10 +44,10 @@ namespace {
 
 struct Problem {
   const void *q, *k_new, *v_new;  // float32, or bfloat16 when `bf16` (and then o too)
-  const float *k_pages, *v_pages;
+  const void *k_pages, *v_pages;  // float32, or bfloat16 when `cache_bf16`
   const int32_t *table, *len;
   void* o;
-  bool bf16;
+  bool bf16, cache_bf16;
   int64_t b, h, kv, p, s, m, ek, ev;
   float scale;
   // Elements between kv heads, pages and a page's slots, in k and in v (the layout).
@@ -107,68 +107,112 @@ void ForChunks(int64_t e, F f) {
   }
 }
 
-// part[i] += q[:16 C] * k_i[:16 C] lane by lane, k_i = k + i * slot, i < n.
-template <int C>
-void DotChunks(const float* q, const float* k, int64_t slot, int64_t n, V16* part) {
-  V16 qc[C];
-  for (int c = 0; c < C; ++c) qc[c] = Load(q + 16 * c);
-  for (int64_t i = 0; i < n; ++i) {
-    V16 x = part[i];
-    for (int c = 0; c < C; ++c) x += qc[c] * Load(k + i * slot + 16 * c);
-    part[i] = x;
+// f(J, j0) over the heads [0, nh) in passes of J <= 4 heads (J a std::integral_constant),
+// at most 16 / C at once so that a pass's J C query chunks or accumulators stay in
+// registers beside the C chunks of a key or value.
+template <int C, typename F>
+void ForHeads(int64_t nh, F f) {
+  using std::integral_constant;
+  constexpr int64_t most = std::max(1, std::min(4, 16 / C));
+  for (int64_t j0 = 0; j0 < nh;) {
+    const int64_t j = std::min(most, nh - j0);
+    if (j >= 4) f(integral_constant<int, 4>{}, j0);
+    else if (j == 3) f(integral_constant<int, 3>{}, j0);
+    else if (j == 2) f(integral_constant<int, 2>{}, j0);
+    else f(integral_constant<int, 1>{}, j0);
+    j0 += std::min<int64_t>(j, 4);
   }
 }
 
-// acc[:16 C] = a acc[:16 C] + sum_i w[i] v_i[:16 C], v_i = v + i * slot, i < n.
-template <int C>
-void AxpyChunks(const float* w, const float* v, int64_t slot, int64_t n, float a, float* acc) {
-  V16 y[C];
-  for (int c = 0; c < C; ++c) y[c] = a * Load(acc + 16 * c);
+// part[j kBlock + i] += q_j[:16 C] * k_i[:16 C] lane by lane for J query heads q_j = q + j
+// q_stride sharing the keys k_i = k + i * slot, i < n (float32, or bfloat16 bits widened
+// on load): each key chunk is loaded once for the J heads.
+template <int C, int J, typename T>
+void DotHeads(const float* q, int64_t q_stride, const T* k, int64_t slot, int64_t n, V16* part) {
+  V16 qc[J][C];
+  for (int j = 0; j < J; ++j)
+    for (int c = 0; c < C; ++c) qc[j][c] = Load(q + j * q_stride + 16 * c);
   for (int64_t i = 0; i < n; ++i) {
-    const V16 wi = V16{} + w[i];
-    for (int c = 0; c < C; ++c) y[c] += wi * Load(v + i * slot + 16 * c);
+    V16 kc[C];
+    for (int c = 0; c < C; ++c) kc[c] = Load(k + i * slot + 16 * c);
+    for (int j = 0; j < J; ++j) {
+      V16 x = part[j * kBlock + i];
+      for (int c = 0; c < C; ++c) x += qc[j][c] * kc[c];
+      part[j * kBlock + i] = x;
+    }
   }
-  for (int c = 0; c < C; ++c) std::memcpy(acc + 16 * c, &y[c], sizeof(V16));
+}
+
+// acc_j[:16 C] = a_j acc_j[:16 C] + sum_i w_j[i] v_i[:16 C] for J heads (w_j = w + j kBlock,
+// acc_j = acc + j acc_stride) sharing the values v_i = v + i * slot, i < n.
+template <int C, int J, typename T>
+void AxpyHeads(const float* w, const T* v, int64_t slot, int64_t n, const float* a, float* acc,
+               int64_t acc_stride) {
+  V16 y[J][C];
+  for (int j = 0; j < J; ++j)
+    for (int c = 0; c < C; ++c) y[j][c] = a[j] * Load(acc + j * acc_stride + 16 * c);
+  for (int64_t i = 0; i < n; ++i) {
+    V16 vc[C];
+    for (int c = 0; c < C; ++c) vc[c] = Load(v + i * slot + 16 * c);
+    for (int j = 0; j < J; ++j) {
+      const V16 wi = V16{} + w[j * kBlock + i];
+      for (int c = 0; c < C; ++c) y[j][c] += wi * vc[c];
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int c = 0; c < C; ++c) std::memcpy(acc + j * acc_stride + 16 * c, &y[j][c], sizeof(V16));
 }
 
 // Row b, kv head kh: its G query heads over the row's tokens and its new token, in
 // blocks of kBlock tokens within a page. A block's keys are scored for all G heads
-// (each head's 16-lane partial dots reduced 16 tokens at a time by `LaneSums`), its
-// scores update the online softmax, and its values are accumulated for all G heads
-// (each head's accumulator in registers over the block). Built with -ffast-math
-// (kernels/paged_attention_cpu.py) so the max over a block vectorises; every value read is
-// finite (slots past a row's length are never read).
+// (each key chunk loaded once for up to 4 heads, `DotHeads`; each head's 16-lane
+// partial dots reduced 16 tokens at a time by `LaneSums`), its scores update the
+// online softmax, and its values are accumulated for all G heads (`AxpyHeads`, the
+// accumulators in registers over the block). Built with -ffast-math
+// (kernels/paged_attention_cpu.py) so the max over a block vectorises; every value read
+// is finite (slots past a row's length are never read). T: the cache's element, float
+// or uint16_t (bfloat16 bits, widened on load).
+template <typename T>
 void Task(const Problem& p, int64_t b, int64_t kh) {
   const int64_t g = p.h / p.kv, ek16 = p.ek / 16 * 16, ev16 = p.ev / 16 * 16;
+  const T* k_pages = static_cast<const T*>(p.k_pages);
+  const T* v_pages = static_cast<const T*>(p.v_pages);
   std::vector<float> q(g * p.ek), m(g), l(g, 1.0f), a(g), acc(g * p.ev), s(g * kBlock);
-  V16 part[kBlock];
+  std::vector<V16> part(g * kBlock);
   auto in = [&](const void* x, int64_t i) {  // element i of q, k_new or v_new, widened
     return p.bf16 ? Scalar(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
   };
   const int64_t q0 = (b * p.h + kh * g) * p.ek;
   for (int64_t i = 0; i < g * p.ek; ++i) q[i] = p.scale * in(p.q, q0 + i);  // the scale, once
   // s[j kBlock + i] = q_j . k_i for the block's n tokens k_i = k + i * slot.
-  auto scores = [&](const float* k, int64_t slot, int64_t n) {
+  auto scores = [&](const T* k, int64_t slot, int64_t n) {
+    for (int64_t j = 0; j < g; ++j) std::fill(&part[j * kBlock], &part[j * kBlock] + n, V16{});
+    ForChunks(p.ek, [&](auto c, int64_t e0) {
+      ForHeads<c>(g, [&](auto jn, int64_t j) {
+        DotHeads<c, jn>(&q[j * p.ek + e0], p.ek, k + e0, slot, n, &part[j * kBlock]);
+      });
+    });
     for (int64_t j = 0; j < g; ++j) {
-      const float* qj = q.data() + j * p.ek;
       float* sj = s.data() + j * kBlock;
-      std::fill(part, part + n, V16{});
-      ForChunks(p.ek, [&](auto c, int64_t e0) { DotChunks<c>(qj + e0, k + e0, slot, n, part); });
       for (int64_t i0 = 0; i0 < n; i0 += 16)
-        LaneSums(part + i0, static_cast<int>(std::min<int64_t>(16, n - i0)), sj + i0);
+        LaneSums(&part[j * kBlock + i0], static_cast<int>(std::min<int64_t>(16, n - i0)), sj + i0);
       for (int64_t e = ek16; e < p.ek; ++e)
-        for (int64_t i = 0; i < n; ++i) sj[i] += qj[e] * k[i * slot + e];
+        for (int64_t i = 0; i < n; ++i) sj[i] += q[j * p.ek + e] * Scalar(k[i * slot + e]);
     }
   };
   // acc_j = a_j acc_j + sum_i s_j[i] v_i.
-  auto accumulate = [&](const float* v, int64_t slot, int64_t n) {
+  auto accumulate = [&](const T* v, int64_t slot, int64_t n) {
+    ForChunks(p.ev, [&](auto c, int64_t e0) {
+      ForHeads<c>(g, [&](auto jn, int64_t j) {
+        AxpyHeads<c, jn>(&s[j * kBlock], v + e0, slot, n, &a[j], &acc[j * p.ev + e0], p.ev);
+      });
+    });
     for (int64_t j = 0; j < g; ++j) {
       const float* w = s.data() + j * kBlock;
       float* acc_j = acc.data() + j * p.ev;
-      ForChunks(p.ev, [&](auto c, int64_t e0) { AxpyChunks<c>(w, v + e0, slot, n, a[j], acc_j + e0); });
       for (int64_t e = ev16; e < p.ev; ++e) {
         float y = a[j] * acc_j[e];
-        for (int64_t i = 0; i < n; ++i) y += w[i] * v[i * slot + e];
+        for (int64_t i = 0; i < n; ++i) y += w[i] * Scalar(v[i * slot + e]);
         acc_j[e] = y;
       }
     }
@@ -180,18 +224,19 @@ void Task(const Problem& p, int64_t b, int64_t kh) {
     m[j] = x;
     for (int64_t e = 0; e < p.ev; ++e) acc[j * p.ev + e] = in(p.v_new, v0 + e);
   }
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements of a cache line
   const int64_t len = std::clamp<int64_t>(p.len[b], 0, p.m * p.s);
   for (int64_t t0 = 0; t0 < len; t0 += p.s) {
     const int64_t page = std::clamp<int64_t>(p.table[b * p.m + t0 / p.s], 0, p.p - 1);
-    const float* kp = p.k_pages + kh * p.k_head + page * p.k_page;
-    const float* vp = p.v_pages + kh * p.v_head + page * p.v_page;
+    const T* kp = k_pages + kh * p.k_head + page * p.k_page;
+    const T* vp = v_pages + kh * p.v_head + page * p.v_page;
     if (t0 + p.s < len) {  // the next page is elsewhere in the pool: fetch it ahead
       const int64_t next = std::clamp<int64_t>(p.table[b * p.m + t0 / p.s + 1], 0, p.p - 1);
-      const float* kx = p.k_pages + kh * p.k_head + next * p.k_page;
-      const float* vx = p.v_pages + kh * p.v_head + next * p.v_page;
+      const T* kx = k_pages + kh * p.k_head + next * p.k_page;
+      const T* vx = v_pages + kh * p.v_head + next * p.v_page;
       for (int64_t i = 0; i < p.s; ++i) {
-        for (int64_t e = 0; e < p.ek; e += 16) __builtin_prefetch(kx + i * p.k_slot + e);
-        for (int64_t e = 0; e < p.ev; e += 16) __builtin_prefetch(vx + i * p.v_slot + e);
+        for (int64_t e = 0; e < p.ek; e += kLine) __builtin_prefetch(kx + i * p.k_slot + e);
+        for (int64_t e = 0; e < p.ev; e += kLine) __builtin_prefetch(vx + i * p.v_slot + e);
       }
     }
     const int64_t page_n = std::min(p.s, len - t0);
@@ -235,15 +280,19 @@ struct Shared {
 };
 
 void Work(Shared& s) {
-  const int64_t tasks = s.p.b * s.p.kv;
+  const Problem& p = s.p;
+  const int64_t tasks = p.b * p.kv;
   for (int64_t t; (t = s.next.fetch_add(1, std::memory_order_acq_rel)) < tasks;) {
-    Task(s.p, t / s.p.kv, t % s.p.kv);
+    if (p.cache_bf16) Task<uint16_t>(p, t / p.kv, t % p.kv);
+    else Task<float>(p, t / p.kv, t % p.kv);
     s.done.fetch_add(1, std::memory_order_acq_rel);
   }
 }
 
+bool IsBf16(ffi::DataType t) { return t == ffi::DataType::BF16 || t == ffi::DataType::U16; }
+
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q,
-                              ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pages,
+                              ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages,
                               ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> len,
                               ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
                               ffi::Result<ffi::AnyBuffer> o, int64_t threads, float scale,
@@ -264,11 +313,21 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q,
     return ffi::Error::InvalidArgument(
         "paged_attention_cpu: q, k_new, v_new and o are all float32 or all bfloat16");
   }
+  const auto ct = k_pages.element_type();
+  if ((ct != ffi::DataType::F32 && !IsBf16(ct)) || v_pages.element_type() != ct) {
+    return ffi::Error::InvalidArgument(
+        "paged_attention_cpu: k and v caches both float32, or both bfloat16 (or its bits, "
+        "uint16)");
+  }
   const int64_t kv = kd[ax_k], pages = kd[ax_p], slots = kd[ax_s], ek = kd[3], ev = vd[3];
   auto s = std::make_shared<Shared>();
-  s->p = {q.untyped_data(), k_new.untyped_data(), v_new.untyped_data(), k_pages.typed_data(),
-          v_pages.typed_data(), table.typed_data(), len.typed_data(), o->untyped_data(),
-          io == ffi::DataType::BF16, qd[0], qd[1], kv, pages, slots, td[1], ek, ev, scale};
+  Problem& p = s->p;
+  p.q = q.untyped_data(), p.k_new = k_new.untyped_data(), p.v_new = v_new.untyped_data();
+  p.k_pages = k_pages.untyped_data(), p.v_pages = v_pages.untyped_data();
+  p.table = table.typed_data(), p.len = len.typed_data(), p.o = o->untyped_data();
+  p.bf16 = io == ffi::DataType::BF16, p.cache_bf16 = IsBf16(ct);
+  p.b = qd[0], p.h = qd[1], p.kv = kv, p.p = pages, p.s = slots, p.m = td[1], p.ek = ek;
+  p.ev = ev, p.scale = scale;
   if (layout == 0) {
     s->p.k_head = pages * slots * ek, s->p.k_page = slots * ek, s->p.k_slot = ek;
     s->p.v_head = pages * slots * ev, s->p.v_page = slots * ev, s->p.v_slot = ev;
@@ -276,7 +335,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q,
     s->p.k_head = ek, s->p.k_page = slots * kv * ek, s->p.k_slot = kv * ek;
     s->p.v_head = ev, s->p.v_page = slots * kv * ev, s->p.v_slot = kv * ev;
   }
-  const int64_t tasks = s->p.b * s->p.kv;
+  const int64_t tasks = p.b * p.kv;
   const int64_t helpers = std::clamp<int64_t>(threads, 1, std::max<int64_t>(tasks, 1)) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s] { Work(*s); });
   Work(*s);
@@ -290,8 +349,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionCpu, PagedAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::AnyBuffer>()

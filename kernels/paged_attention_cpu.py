@@ -53,7 +53,8 @@ def paged_decode_attention(q_BxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE, block_tabl
                            lengths_B, k_new_BxKxE, v_new_BxKxE, *, scale=None, threads=None):
   """o_BxHxE (Ev wide) of one query token per row (see the module docstring).
 
-  The pools are float32. q, k_new and v_new are read as bfloat16 when all three
+  The pools are float32, bfloat16, or uint16 holding bfloat16 bits (both the same;
+  widened on read; any other dtype is widened to float32 first). q, k_new and v_new are read as bfloat16 when all three
   are (o is then bfloat16, rounded in the kernel), else widened to float32.
 
   threads: threads of XLA's intra-op pool the (row, kv head) tasks are split over
@@ -67,8 +68,10 @@ def contiguous_decode_attention(q_BxHxE, k_BxTxKxE, v_BxTxKxE, lengths_B, k_new_
                                 v_new_BxKxE, *, scale=None, threads=None):
   """o_BxHxE (Ev wide, q's dtype): `paged_decode_attention` over a contiguous cache.
 
-  Row b attends to its slots t < lengths_B[b] and its new key/value; float32
-  caches only (q, k_new, v_new as in `paged_decode_attention`; o in q's dtype).
+  Row b attends to its slots t < lengths_B[b] and its new key/value. The cache is
+  float32, bfloat16, or uint16 holding bfloat16 bits (model/kv_cache.py's BF16_BITS),
+  read as it is; other dtypes are widened to float32 (q, k_new, v_new as in
+  `paged_decode_attention`; o in q's dtype).
   """
   table_Bx1 = jnp.arange(q_BxHxE.shape[0], dtype=jnp.int32)[:, None]
   o = _call(q_BxHxE, k_BxTxKxE, v_BxTxKxE, table_Bx1, lengths_B, k_new_BxKxE, v_new_BxKxE,
@@ -88,8 +91,10 @@ def _call(q_BxHxE, k, v, table_BxM, lengths_B, k_new_BxKxE, v_new_BxKxE, scale, 
         else jnp.float32)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, h, v.shape[-1]), io),
                           vmap_method="sequential")
-  f32 = lambda x: x.astype(jnp.float32)
-  return call(q_BxHxE.astype(io), f32(k), f32(v), table_BxM.astype(jnp.int32),
+  # float32, bfloat16 or its bits in uint16 go in as they are; the rest widened.
+  cache = lambda x: x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16) else x.astype(
+      jnp.float32)
+  return call(q_BxHxE.astype(io), cache(k), cache(v), table_BxM.astype(jnp.int32),
               lengths_B.astype(jnp.int32), k_new_BxKxE.astype(io), v_new_BxKxE.astype(io),
               threads=np.int64(threads or cores()), scale=np.float32(scale),
               layout=np.int64(layout))

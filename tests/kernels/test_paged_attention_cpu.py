@@ -5,8 +5,9 @@ Every case has rows of length 0, 1, one page, not a multiple of the page size an
 the whole table; NaN in every slot no row may read; block tables in a random order
 with random entries past each row's pages; head widths that are and are not
 multiples of the kernel's 16-float vectors and wider than one group of 8 of them,
-values narrower than keys (MLA), and pages longer than the kernel's 32-token blocks.
-The contiguous-cache form (layout [B, T, K, E]) is checked the same way.
+values narrower than keys (MLA), pages longer than the kernel's 32-token blocks, and
+1 to 8 query heads a kv head. The contiguous-cache form (layout [B, T, K, E]) is checked the same way, and bfloat16
+caches (as bfloat16 or as their bits in uint16) against the float32 kernel.
 """
 
 import jax
@@ -59,7 +60,8 @@ def test_builds_on_cpu():
 
 
 @pytest.mark.parametrize("g,ek,ev,s", [(1, 8, 8, 4), (2, 32, 32, 16), (4, 20, 12, 8),
-                                       (3, 64, 64, 4), (2, 144, 136, 48)])
+                                       (3, 64, 64, 4), (2, 144, 136, 48), (5, 64, 48, 16),
+                                       (8, 128, 128, 40)])
 def test_equals_reference_and_float64(helpers, g, ek, ev, s):
   case = make_case(helpers, g, ek, ev, s)
   want = numpy_attention(helpers, *case, scale=ek ** -0.5)
@@ -122,3 +124,31 @@ def test_bfloat16_step_tensors_equal_their_float32_widening(helpers):
                                 np.asarray(want.astype(bf16)).view(np.uint16))
   mixed = pac.paged_decode_attention(q16, k_pages, v_pages, tables, lengths, k_new, v_new)
   assert mixed.dtype == np.float32  # not all bfloat16: all widened
+
+
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_bfloat16_caches_equal_their_float32_widening(helpers, layout):
+  """A bfloat16 cache, given as bfloat16 or as its bits in uint16 (model/kv_cache.py's
+  BF16_BITS), is widened on read: the float32 kernel's result on the widened cache, for
+  float32 and for bfloat16 step tensors (to float32 rounding: -ffast-math lets the
+  compiler order the sums of the widths past the last 16-float vector differently)."""
+  bf16 = jax.numpy.bfloat16
+  q, k_pages, v_pages, tables, lengths, k_new, v_new = make_case(helpers, 3, 64, 40, 48, seed=5)
+  if layout == "contiguous":  # each row's pages in order: a [B, M S, K, E] cache
+    k_pages, v_pages = (np.ascontiguousarray(
+        x[:, tables].reshape(K, len(lengths), -1, x.shape[-1]).transpose(1, 2, 0, 3))
+        for x in (k_pages, v_pages))
+    attend = lambda q, k, v, kn, vn: pac.contiguous_decode_attention(q, k, v, lengths, kn, vn)
+  else:
+    attend = lambda q, k, v, kn, vn: pac.paged_decode_attention(q, k, v, tables, lengths, kn, vn)
+  k16, v16 = (jax.numpy.asarray(x, bf16) for x in (k_pages, v_pages))
+  bits = lambda x: jax.lax.bitcast_convert_type(x, jax.numpy.uint16)
+  for step in (np.float32, bf16):
+    qs, kn, vn = (jax.numpy.asarray(x, step) for x in (q, k_new, v_new))
+    want = np.asarray(attend(qs, k16.astype(np.float32), v16.astype(np.float32), kn, vn))
+    assert not np.isnan(want).any()
+    for k, v in ((k16, v16), (bits(k16), bits(v16))):
+      got = attend(qs, k, v, kn, vn)
+      assert got.dtype == step
+      np.testing.assert_allclose(np.asarray(got, np.float32), want.astype(np.float32),
+                                 rtol=1e-6 if step == np.float32 else 8e-3, atol=1e-7)
