@@ -24,7 +24,9 @@ records the choice.
                read); else the most local devices that divide the rows (on CPU, one
                per core: decode/data_parallel.py); the kernels get the cores of their
                device
-    cache      on CPU a bfloat16 model keeps its KV cache in float32; else the model's dtype
+    cache      on CPU a bfloat16 model keeps a contiguous KV cache as bfloat16 bits (uint16,
+               model/kv_cache.py's BF16_BITS) and other caches in float32; else the
+               model's dtype
     compiler   XLA:CPU: COMPILER_OPTIONS, plus ROW_SPLIT_OPTIONS when the rows are
                split over devices; none elsewhere
 
@@ -71,7 +73,8 @@ class Backend:
   impl: ModelImpl
   num_devices: int
   compiler_options: tuple = ()   # sorted (name, value) pairs
-  cache_dtype: str | None = None  # KV cache storage; None: the model's dtype
+  cache_dtype: str | None = None  # KV cache storage; None: the model's dtype; 'uint16':
+                                  # bfloat16 bits (model/kv_cache.py BF16_BITS)
 
   def loop_impl(self) -> ModelImpl:
     """`impl` for a decode while loop, which reads the same weights every step: the matrix
@@ -90,13 +93,14 @@ class Backend:
   def describe(self) -> str:
     opts = ", ".join(f"{k}={v!r}" for k, v in self.compiler_options) or "none"
     kernel = self.impl.attention_kernel + " interpret" * self.impl.interpret
+    cache = "bfloat16 bits" if self.cache_dtype == "uint16" else self.cache_dtype
     return (f"backend={self.platform} attention={self.impl.attention}"
             f"{f' ({kernel})' if kernel else ''} moe={self.impl.moe}"
             f"{f' ({self.impl.moe_threads} threads)' if self.impl.moe_threads else ''} "
             f"mla={self.impl.mla} matmul={self.impl.matmul}"
             f"{f' ({self.impl.matmul_threads} threads)' if self.impl.matmul_threads else ''} "
             f"devices={self.num_devices}"
-            f"{f' cache={self.cache_dtype}' if self.cache_dtype else ''} compiler_options: {opts}")
+            f"{f' cache={cache}' if cache else ''} compiler_options: {opts}")
 
 
 def resolve(cfg: ModelConfig, gen: GenerationConfig, num_rows: int) -> Backend:
@@ -124,8 +128,12 @@ def resolve(cfg: ModelConfig, gen: GenerationConfig, num_rows: int) -> Backend:
   matmul_threads = max(1, cores() // devices) if matmul == "cpu_kernel" else 0
   options = cpu_compiler_options(devices) if on_cpu else {}
   # XLA:CPU widens a bfloat16 cache to float32 around every write and every
-  # attention product of a step; a float32 cache holds the same values.
-  cache_dtype = "float32" if on_cpu and cfg.dtype == "bfloat16" else None
+  # attention product of a step. A uint16 buffer of its bits is written in place and
+  # read by the CPU attention kernel (the contiguous K/V cache); others hold float32.
+  cache_dtype = None
+  if on_cpu and cfg.dtype == "bfloat16":
+    bits = gen.kv_cache == "contiguous" and cfg.attention != "mla"
+    cache_dtype = "uint16" if bits else "float32"
   attention, kernel, interpret = resolve_attention(cfg, gen, platform, cache_dtype)
   return Backend(platform=platform,
                  impl=ModelImpl(attention, moe, threads, resolve_mla(gen.mla_impl), matmul,

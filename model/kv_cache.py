@@ -51,6 +51,23 @@ from model.impl import resolve_mla
 
 MIN_WINDOW = 128  # smaller windows save little attention and cost a compile each
 
+# A uint16 buffer holds bfloat16 values as their bits (`ContiguousSpec.init(dtype=BF16_BITS)`,
+# decode/backend.py's choice on CPU): XLA:CPU updates a bfloat16 buffer through a
+# float32 copy of all of it, a uint16 one in place; the CPU attention kernel reads the bits.
+BF16_BITS = jnp.uint16
+
+
+def stored(x, dtype):
+  """x as the elements of a `dtype` buffer (bfloat16 bits for BF16_BITS)."""
+  if dtype == BF16_BITS:
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), BF16_BITS)
+  return x.astype(dtype)
+
+
+def values(buf):
+  """A buffer's values: bfloat16 for BF16_BITS, else the buffer itself."""
+  return jax.lax.bitcast_convert_type(buf, jnp.bfloat16) if buf.dtype == BF16_BITS else buf
+
 
 def update_rows(buf_BxTx, new_BxLx, start_B):
   """buf[b, start_b : start_b + L] = new[b] for every row (functional).
@@ -61,7 +78,7 @@ def update_rows(buf_BxTx, new_BxLx, start_B):
   """
   def one(buf_Tx, new_Lx, start):
     idx = (start,) + (0,) * (buf_Tx.ndim - 1)
-    return jax.lax.dynamic_update_slice(buf_Tx, new_Lx.astype(buf_Tx.dtype), idx)
+    return jax.lax.dynamic_update_slice(buf_Tx, stored(new_Lx, buf_Tx.dtype), idx)
   return jax.vmap(one)(buf_BxTx, new_BxLx, start_B.astype(jnp.int32))
 
 
@@ -100,12 +117,12 @@ class KVCache:
     """The step's queries over slots < positions_BxL[b, 0] and the step's own keys.
 
     impl 'cpu' (decode/backend.py's choice on CPU): one-token steps over a float32
-    cache run the C++ kernel (kernels/paged_attention_cpu.py, the cache read as one
-    page per row) when it builds; other steps `attention.attend_cached`.
+    or BF16_BITS cache run the C++ kernel (kernels/paged_attention_cpu.py, the cache
+    read as one page per row) when it builds; other steps `attention.attend_cached`.
     """
     kv = self.layers[layer]
-    if (impl == "cpu" and positions_BxL.shape[1] == 1 and kv.k_BxTxKxE.dtype == jnp.float32
-        and paged_attention_cpu.available()):
+    if (impl == "cpu" and positions_BxL.shape[1] == 1
+        and kv.k_BxTxKxE.dtype in (jnp.float32, BF16_BITS) and paged_attention_cpu.available()):
       length_B = jnp.clip(positions_BxL[:, 0], 0, self.max_len)
       return paged_attention_cpu.contiguous_decode_attention(
           q_BxLxHxE[:, 0], kv.k_BxTxKxE, kv.v_BxTxKxE, length_B, k_BxLxKxE[:, 0],
@@ -115,8 +132,8 @@ class KVCache:
     cache_mask_BxLxT = jnp.broadcast_to(slot_1x1xT < start_Bx1x1,
                                         positions_BxL.shape + (self.max_len,))
     new_mask_BxLxL = positions_BxL[:, None, :] <= positions_BxL[:, :, None]
-    return attend_cached(q_BxLxHxE, kv.k_BxTxKxE, kv.v_BxTxKxE, cache_mask_BxLxT,
-                         k_BxLxKxE, v_BxLxKxE, new_mask_BxLxL, impl)
+    return attend_cached(q_BxLxHxE, values(kv.k_BxTxKxE), values(kv.v_BxTxKxE),
+                         cache_mask_BxLxT, k_BxLxKxE, v_BxLxKxE, new_mask_BxLxL, impl)
 
   def update(self, layer: int, k_BxLxKxE, v_BxLxKxE, positions_BxL) -> "KVCache":
     """Writes block `layer`'s new entries of row b at positions_BxL[b, 0] ... (contiguous)."""
