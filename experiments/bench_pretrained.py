@@ -27,6 +27,12 @@ first token alone (a 1-token run, compiled separately), and "decode tok/s" /
 same bound. "same" is True when every row's tokens equal HF's, else the
 shortest common prefix over the rows (bfloat16 rounding differs between
 the two: the sums run in different orders).
+
+Last, for every batch run in both dtypes, "bf16 / f32": moelab's float32 time
+over its bfloat16 time, the two compiled runs alternated for the same rounds
+(median and range over the rounds). The rows above are measured minutes apart,
+and this machine's speed moves by up to 1.5x between them, so only this
+alternation compares the two dtypes.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ def real_model_rows(bench, name: str, new: int, prompt_len: int, repeats: int) -
         f"{'range':>9} {'dev':>3} {'MB/step':>8} {'GB/s':>5} {'stream':>6} {'bound tok/s':>11} "
         f"{'% bound':>7} {'prefill s':>9} {'decode tok/s':>12} {'decode %':>8} {'compile s':>9} "
         f"{'same':>5}")
-  rows, rng, last_backend = [], np.random.default_rng(0), None
+  rows, rng, last_backend, runs = [], np.random.default_rng(0), None, {}
   for dtype in _DTYPES.value:
     hf = hf32 if dtype == "float32" else copy.deepcopy(hf32).to(getattr(torch, dtype))
     cfg = cfg32.replace(dtype=dtype)
@@ -89,6 +95,7 @@ def real_model_rows(bench, name: str, new: int, prompt_len: int, repeats: int) -
     for b in map(int, _BATCHES.value):
       prompt = rng.integers(3, cfg.vocab_size, (b, prompt_len)).astype(np.int32)
       comp_s, backend, ml_run = bench.moelab_runner(cfg, params, prompt, new, 1)
+      runs[dtype, b] = ml_run
       # The stream is read in every round too, next to both sides (its "time" is GB/s).
       res = bench.interleaved({"hf": bench.hf_runner(hf, prompt, new, 1), "moelab": ml_run,
                                "stream": lambda: (bench.stream_bandwidth(), None)}, repeats)
@@ -123,5 +130,16 @@ def real_model_rows(bench, name: str, new: int, prompt_len: int, repeats: int) -
       if backend.describe() != last_backend:
         last_backend = backend.describe()
         print(f"# {last_backend}", flush=True)
+  for b in map(int, _BATCHES.value):
+    if ("float32", b) in runs and ("bfloat16", b) in runs:
+      res = bench.interleaved({d: runs[d, b] for d in ("float32", "bfloat16")}, repeats)
+      ratio, lo, hi = bench.paired_ratio(res["float32"][0], res["bfloat16"][0])
+      rows.append(dict(model=name, case=f"bf16/f32 b{b}", batch=b, dtype_ratio=ratio,
+                       dtype_ratio_range=(lo, hi), repeats=repeats,
+                       float32_s=res["float32"][0].tolist(),
+                       bfloat16_s=res["bfloat16"][0].tolist()))
+      print(f"bf16 / f32 batch {b}: {ratio:.2f} ({lo:.2f}-{hi:.2f}), moelab float32 and "
+            f"bfloat16 alternated ({b * new / np.median(res['float32'][0]):.1f} and "
+            f"{b * new / np.median(res['bfloat16'][0]):.1f} tok/s)", flush=True)
   return rows
 
