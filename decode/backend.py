@@ -24,9 +24,9 @@ records the choice.
                read); else the most local devices that divide the rows (on CPU, one
                per core: decode/data_parallel.py); the kernels get the cores of their
                device
-    cache      on CPU a bfloat16 model keeps a contiguous KV cache as bfloat16 bits (uint16,
-               model/kv_cache.py's BF16_BITS) and other caches in float32; else the
-               model's dtype
+    cache      on CPU a bfloat16 model with attention 'cpu' keeps its K/V cache as bfloat16
+               bits (uint16, model/cache.py's BF16_BITS), other caches in float32; else
+               the model's dtype
     compiler   XLA:CPU: COMPILER_OPTIONS, plus ROW_SPLIT_OPTIONS when the rows are
                split over devices; none elsewhere
 
@@ -74,7 +74,7 @@ class Backend:
   num_devices: int
   compiler_options: tuple = ()   # sorted (name, value) pairs
   cache_dtype: str | None = None  # KV cache storage; None: the model's dtype; 'uint16':
-                                  # bfloat16 bits (model/kv_cache.py BF16_BITS)
+                                  # bfloat16 bits (model/cache.py BF16_BITS)
 
   def loop_impl(self) -> ModelImpl:
     """`impl` for a decode while loop, which reads the same weights every step: the matrix
@@ -129,12 +129,11 @@ def resolve(cfg: ModelConfig, gen: GenerationConfig, num_rows: int) -> Backend:
   options = cpu_compiler_options(devices) if on_cpu else {}
   # XLA:CPU widens a bfloat16 cache to float32 around every write and every
   # attention product of a step. A uint16 buffer of its bits is written in place and
-  # read by the CPU attention kernel (the contiguous K/V cache); others hold float32.
-  cache_dtype = None
-  if on_cpu and cfg.dtype == "bfloat16":
-    bits = gen.kv_cache == "contiguous" and cfg.attention != "mla"
-    cache_dtype = "uint16" if bits else "float32"
+  # read by the CPU attention kernel (K/V caches, contiguous or paged); others float32.
+  cache_dtype = "float32" if on_cpu and cfg.dtype == "bfloat16" else None
   attention, kernel, interpret = resolve_attention(cfg, gen, platform, cache_dtype)
+  if cache_dtype and attention == "cpu" and cfg.attention != "mla":
+    cache_dtype = "uint16"
   return Backend(platform=platform,
                  impl=ModelImpl(attention, moe, threads, resolve_mla(gen.mla_impl), matmul,
                                 matmul_threads, attention_kernel=kernel, interpret=interpret),

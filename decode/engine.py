@@ -162,7 +162,7 @@ class Engine:
   # ------------------------------------------------------------------ device state
   def _empty_state(self):
     cache = dataclasses.replace(self.spec, num_pages=self.num_pages).init(
-        self.cfg, self.max_batch, self.max_len)
+        self.cfg, self.max_batch, self.max_len, self.backend.cache_dtype)
     return engine_steps.init_state(cache, self.cfg.vocab_size, self.stop_width, self._presence)
 
   def _prefill_args(self, slots: list[int], reqs: list[int]):

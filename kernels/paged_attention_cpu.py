@@ -69,7 +69,7 @@ def contiguous_decode_attention(q_BxHxE, k_BxTxKxE, v_BxTxKxE, lengths_B, k_new_
   """o_BxHxE (Ev wide, q's dtype): `paged_decode_attention` over a contiguous cache.
 
   Row b attends to its slots t < lengths_B[b] and its new key/value. The cache is
-  float32, bfloat16, or uint16 holding bfloat16 bits (model/kv_cache.py's BF16_BITS),
+  float32, bfloat16, or uint16 holding bfloat16 bits (model/cache.py's BF16_BITS),
   read as it is; other dtypes are widened to float32 (q, k_new, v_new as in
   `paged_decode_attention`; o in q's dtype).
   """

@@ -77,6 +77,29 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import jax
+import jax.numpy as jnp
+
+
+# Storage. A uint16 buffer holds bfloat16 values as their bits (a spec's
+# `init(dtype=BF16_BITS)`, decode/backend.py's choice on CPU): XLA:CPU updates a bfloat16
+# buffer through a float32 copy of all of it, a uint16 one in place, and the CPU
+# attention kernel reads the bits. Caches write with `stored` and read with `values`.
+BF16_BITS = jnp.uint16
+
+
+def stored(x, dtype):
+  """x as the elements of a `dtype` buffer (bfloat16 bits for BF16_BITS)."""
+  if dtype == BF16_BITS:
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), BF16_BITS)
+  return x.astype(dtype)
+
+
+def values(buf):
+  """A buffer's values: bfloat16 for BF16_BITS, else the buffer itself."""
+  return jax.lax.bitcast_convert_type(buf, jnp.bfloat16) if buf.dtype == BF16_BITS else buf
+
+
 CACHE_KINDS: dict[str, type] = {}
 
 

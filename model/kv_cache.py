@@ -45,29 +45,11 @@ import jax.numpy as jnp
 
 from kernels import paged_attention_cpu
 from model.attention import attend_cached
-from model.cache import register
+from model.cache import BF16_BITS, register, stored, values
 from model.config import ModelConfig
 from model.impl import resolve_mla
 
 MIN_WINDOW = 128  # smaller windows save little attention and cost a compile each
-
-# A uint16 buffer holds bfloat16 values as their bits (`ContiguousSpec.init(dtype=BF16_BITS)`,
-# decode/backend.py's choice on CPU): XLA:CPU updates a bfloat16 buffer through a
-# float32 copy of all of it, a uint16 one in place; the CPU attention kernel reads the bits.
-BF16_BITS = jnp.uint16
-
-
-def stored(x, dtype):
-  """x as the elements of a `dtype` buffer (bfloat16 bits for BF16_BITS)."""
-  if dtype == BF16_BITS:
-    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), BF16_BITS)
-  return x.astype(dtype)
-
-
-def values(buf):
-  """A buffer's values: bfloat16 for BF16_BITS, else the buffer itself."""
-  return jax.lax.bitcast_convert_type(buf, jnp.bfloat16) if buf.dtype == BF16_BITS else buf
-
 
 def update_rows(buf_BxTx, new_BxLx, start_B):
   """buf[b, start_b : start_b + L] = new[b] for every row (functional).

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from kernels import mla_attention, paged_attention
+from model.cache import values
 
 NEG = -1e30  # masked score (as model/attention.py): exp underflows to exactly 0
 
@@ -66,8 +67,8 @@ def attend_paged(q_BxLxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE, table_BxM, length_
   b, l, h, e = q_BxLxHxE.shape
   num_kv = k_pages_KxPxSxE.shape[0]
   t = table_BxM.shape[1] * k_pages_KxPxSxE.shape[2]
-  k_KxBxTxE = gather_pages(k_pages_KxPxSxE, table_BxM, length_B)
-  v_KxBxTxE = gather_pages(v_pages_KxPxSxE, table_BxM, length_B)
+  k_KxBxTxE = values(gather_pages(k_pages_KxPxSxE, table_BxM, length_B))  # BF16_BITS
+  v_KxBxTxE = values(gather_pages(v_pages_KxPxSxE, table_BxM, length_B))  # pools' bits
   q_KxBxLxGxE = rearrange(q_BxLxHxE, "b l (k g) e -> k b l g e", k=num_kv)
   s_cache = jnp.einsum("kblge,kbte->kblgt", q_KxBxLxGxE, k_KxBxTxE)
   s_new = jnp.einsum("kblge,bmke->kblgm", q_KxBxLxGxE, k_new_BxLxKxE)

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 
 from kernels import paged_attention_cpu
 from model import page_pool
-from model.cache import register
+from model.cache import BF16_BITS, register, stored
 from model.config import ModelConfig
 from model.impl import ModelImpl, resolve_mla
 from model.mla import attend_latent_cached
@@ -79,7 +79,7 @@ class LayerPages:
   def write(self, page_N, slot_N, k_NxKxE, v_NxKxE) -> "LayerPages":
     """pool[:, page_N[i], slot_N[i]] = new[i]; NULL_PAGE entries are dropped."""
     put = lambda pool, new: pool.at[:, page_N, slot_N].set(
-        jnp.swapaxes(new, 0, 1).astype(pool.dtype), mode="drop")
+        stored(jnp.swapaxes(new, 0, 1), pool.dtype), mode="drop")
     return LayerPages(put(self.k_pages_KxPxSxE, k_NxKxE), put(self.v_pages_KxPxSxE, v_NxKxE))
 
   def copy_pages(self, src_N, dst_N) -> "LayerPages":
@@ -174,8 +174,8 @@ class PagedKVCache:
              impl: str = "xla"):
     """The step's queries over the row's cached positions and the step's own keys.
 
-    impl 'cpu' (decode/backend.py's choice on CPU): single-token steps over float32
-    pools run the C++ kernel (kernels/paged_attention_cpu.py), which reads each row's valid
+    impl 'cpu' (decode/backend.py's choice on CPU): single-token steps over float32 or
+    BF16_BITS pools run the C++ kernel (kernels/paged_attention_cpu.py), which reads each row's valid
     tokens in place, when it builds. Otherwise, and for multi-token steps, the XLA
     gather of model/paged_attend.py (its batch axes lead, so there is no layout for
     the block-diagonal CPU form of model/attention.py to avoid).
@@ -183,7 +183,8 @@ class PagedKVCache:
     kv = self.layers[layer]
     length_B = jnp.clip(jnp.minimum(positions_BxL[:, 0], self.limit_B), 0, self.max_len)
     if (impl == "cpu" and positions_BxL.shape[1] == 1
-        and kv.k_pages_KxPxSxE.dtype == jnp.float32 and paged_attention_cpu.available()):
+        and kv.k_pages_KxPxSxE.dtype in (jnp.float32, BF16_BITS)
+        and paged_attention_cpu.available()):
       return paged_attention_cpu.paged_decode_attention(
           q_BxLxHxE[:, 0], kv.k_pages_KxPxSxE, kv.v_pages_KxPxSxE, self.table_BxM, length_B,
           k_BxLxKxE[:, 0], v_BxLxKxE[:, 0])[:, None].astype(q_BxLxHxE.dtype)
