@@ -45,10 +45,12 @@ from decode import data_parallel
 from decode.config import GenerationConfig
 from kernels import matmul_cpu, moe_cpu
 from kernels.cpu_build import cores, last_level_cache_bytes
-from model.cache import CACHE_KINDS
+from model.cache import BF16_BITS, CACHE_KINDS
 from model.config import ModelConfig
 from model.impl import ModelImpl, resolve_mla
 from model.paged_cache import PagedSpec
+
+BITS = np.dtype(BF16_BITS).name  # Backend.cache_dtype of a cache of bfloat16 bits ('uint16')
 
 # XLA:CPU debug options (decode loops only). Region-analysis copy insertion
 # proves the step's cache read precedes its in-place write and inserts no
@@ -93,7 +95,7 @@ class Backend:
   def describe(self) -> str:
     opts = ", ".join(f"{k}={v!r}" for k, v in self.compiler_options) or "none"
     kernel = self.impl.attention_kernel + " interpret" * self.impl.interpret
-    cache = "bfloat16 bits" if self.cache_dtype == "uint16" else self.cache_dtype
+    cache = "bfloat16 bits" if self.cache_dtype == BITS else self.cache_dtype
     return (f"backend={self.platform} attention={self.impl.attention}"
             f"{f' ({kernel})' if kernel else ''} moe={self.impl.moe}"
             f"{f' ({self.impl.moe_threads} threads)' if self.impl.moe_threads else ''} "
@@ -133,7 +135,7 @@ def resolve(cfg: ModelConfig, gen: GenerationConfig, num_rows: int) -> Backend:
   cache_dtype = "float32" if on_cpu and cfg.dtype == "bfloat16" else None
   attention, kernel, interpret = resolve_attention(cfg, gen, platform, cache_dtype)
   if cache_dtype and attention == "cpu" and cfg.attention != "mla":
-    cache_dtype = "uint16"
+    cache_dtype = BITS
   return Backend(platform=platform,
                  impl=ModelImpl(attention, moe, threads, resolve_mla(gen.mla_impl), matmul,
                                 matmul_threads, attention_kernel=kernel, interpret=interpret),

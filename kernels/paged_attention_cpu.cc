@@ -116,11 +116,11 @@ void ForHeads(int64_t nh, F f) {
   constexpr int64_t most = std::max(1, std::min(4, 16 / C));
   for (int64_t j0 = 0; j0 < nh;) {
     const int64_t j = std::min(most, nh - j0);
-    if (j >= 4) f(integral_constant<int, 4>{}, j0);
+    if (j == 4) f(integral_constant<int, 4>{}, j0);
     else if (j == 3) f(integral_constant<int, 3>{}, j0);
     else if (j == 2) f(integral_constant<int, 2>{}, j0);
     else f(integral_constant<int, 1>{}, j0);
-    j0 += std::min<int64_t>(j, 4);
+    j0 += j;
   }
 }
 
@@ -329,11 +329,11 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q,
   p.b = qd[0], p.h = qd[1], p.kv = kv, p.p = pages, p.s = slots, p.m = td[1], p.ek = ek;
   p.ev = ev, p.scale = scale;
   if (layout == 0) {
-    s->p.k_head = pages * slots * ek, s->p.k_page = slots * ek, s->p.k_slot = ek;
-    s->p.v_head = pages * slots * ev, s->p.v_page = slots * ev, s->p.v_slot = ev;
+    p.k_head = pages * slots * ek, p.k_page = slots * ek, p.k_slot = ek;
+    p.v_head = pages * slots * ev, p.v_page = slots * ev, p.v_slot = ev;
   } else {
-    s->p.k_head = ek, s->p.k_page = slots * kv * ek, s->p.k_slot = kv * ek;
-    s->p.v_head = ev, s->p.v_page = slots * kv * ev, s->p.v_slot = kv * ev;
+    p.k_head = ek, p.k_page = slots * kv * ek, p.k_slot = kv * ek;
+    p.v_head = ev, p.v_page = slots * kv * ev, p.v_slot = kv * ev;
   }
   const int64_t tasks = p.b * p.kv;
   const int64_t helpers = std::clamp<int64_t>(threads, 1, std::max<int64_t>(tasks, 1)) - 1;

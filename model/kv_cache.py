@@ -51,6 +51,7 @@ from model.impl import resolve_mla
 
 MIN_WINDOW = 128  # smaller windows save little attention and cost a compile each
 
+
 def update_rows(buf_BxTx, new_BxLx, start_B):
   """buf[b, start_b : start_b + L] = new[b] for every row (functional).
 

@@ -67,8 +67,9 @@ def attend_paged(q_BxLxHxE, k_pages_KxPxSxE, v_pages_KxPxSxE, table_BxM, length_
   b, l, h, e = q_BxLxHxE.shape
   num_kv = k_pages_KxPxSxE.shape[0]
   t = table_BxM.shape[1] * k_pages_KxPxSxE.shape[2]
-  k_KxBxTxE = values(gather_pages(k_pages_KxPxSxE, table_BxM, length_B))  # BF16_BITS
-  v_KxBxTxE = values(gather_pages(v_pages_KxPxSxE, table_BxM, length_B))  # pools' bits
+  # Gathered first, then read as bfloat16 where the pools hold its bits (BF16_BITS).
+  k_KxBxTxE = values(gather_pages(k_pages_KxPxSxE, table_BxM, length_B))
+  v_KxBxTxE = values(gather_pages(v_pages_KxPxSxE, table_BxM, length_B))
   q_KxBxLxGxE = rearrange(q_BxLxHxE, "b l (k g) e -> k b l g e", k=num_kv)
   s_cache = jnp.einsum("kblge,kbte->kblgt", q_KxBxLxGxE, k_KxBxTxE)
   s_new = jnp.einsum("kblge,bmke->kblgm", q_KxBxLxGxE, k_new_BxLxKxE)

@@ -175,8 +175,8 @@ class PagedKVCache:
     """The step's queries over the row's cached positions and the step's own keys.
 
     impl 'cpu' (decode/backend.py's choice on CPU): single-token steps over float32 or
-    BF16_BITS pools run the C++ kernel (kernels/paged_attention_cpu.py), which reads each row's valid
-    tokens in place, when it builds. Otherwise, and for multi-token steps, the XLA
+    BF16_BITS pools run the C++ kernel (kernels/paged_attention_cpu.py), which reads each
+    row's valid tokens in place, when it builds. Otherwise, and for multi-token steps, the XLA
     gather of model/paged_attend.py (its batch axes lead, so there is no layout for
     the block-diagonal CPU form of model/attention.py to avoid).
     """

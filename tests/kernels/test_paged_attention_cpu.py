@@ -6,8 +6,9 @@ the whole table; NaN in every slot no row may read; block tables in a random ord
 with random entries past each row's pages; head widths that are and are not
 multiples of the kernel's 16-float vectors and wider than one group of 8 of them,
 values narrower than keys (MLA), pages longer than the kernel's 32-token blocks, and
-1 to 8 query heads a kv head. The contiguous-cache form (layout [B, T, K, E]) is checked the same way, and bfloat16
-caches (as bfloat16 or as their bits in uint16) against the float32 kernel.
+1 to 8 query heads a kv head. The contiguous-cache form (layout [B, T, K, E]) is
+checked the same way, and bfloat16 caches (as bfloat16 or as their bits in uint16)
+against the float32 kernel.
 """
 
 import jax
