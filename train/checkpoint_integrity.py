@@ -143,6 +143,15 @@ def _from_closed_loop(tb: types.TracebackType | None) -> bool:
   return False
 
 
+class _AbandonedReads(logging.Filter):
+  """Drops asyncio's reports of a never-retrieved TensorStore read (see below)."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith("Task exception was never retrieved")
+                and exc is not None and "tensorstore_spec" in str(exc))
+
+
 def quiet_abandoned_loops() -> None:
   """Drops the "Event loop is closed" reports of a failed Orbax restore.
 
@@ -152,8 +161,14 @@ def quiet_abandoned_loops() -> None:
   closed loop; each attempt is reported through `sys.unraisablehook` (a
   traceback per array). They carry nothing: the real error has already been
   raised. This hook drops exactly those (RuntimeError raised in asyncio's
-  `call_soon_threadsafe`) and passes every other report on. Idempotent.
+  `call_soon_threadsafe`) and passes every other report on. The reads that fail
+  too are garbage-collected later as "Task exception was never retrieved" (asyncio's
+  logger, when a loaded machine lets them finish after the restore returned): a
+  filter drops those whose exception is a TensorStore error. Idempotent.
   """
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedReads) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_AbandonedReads())
   prev = sys.unraisablehook
   if getattr(prev, "_moelab_quiet_loops", False):
     return
